@@ -1,0 +1,28 @@
+"""Exceptions that carry a message meant for the person who asked."""
+
+from __future__ import annotations
+
+
+class CommandError(Exception):
+    """An expected failure: its message is shown to the user as one plain sentence."""
+
+    def __init__(self, message: str, *, outcome: str = "rejected") -> None:
+        super().__init__(message)
+        self.message = message
+        self.outcome = outcome
+
+
+class PermissionDenied(CommandError):
+    """The caller's role does not allow the command."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, outcome="denied")
+
+
+class InventoryError(Exception):
+    """The inventory file is invalid; ``problems`` lists each one as ``path: message``."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: {len(problems)} problem(s)")
+        self.source = source
+        self.problems = problems

@@ -1,0 +1,167 @@
+"""Health results and the concurrent fan-out of probes under one deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol
+
+from services.inventory import Component
+from services.redaction import Redactor
+
+
+class Status(IntEnum):
+    """Overall states of runbook 003; larger is worse, so the worst of many is ``max``."""
+
+    HEALTHY = 0
+    WARNING = 1
+    CRITICAL = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One named sub-check inside a probe (an endpoint, or a component of an app's /health)."""
+
+    name: str
+    status: Status
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe found. ``detail`` is a short human line; ``facts`` are the figures behind it."""
+
+    status: Status
+    detail: str
+    latency_ms: float = 0.0
+    facts: dict[str, str | int | float] = field(default_factory=dict)
+    checks: tuple[Check, ...] = ()
+    waking: bool = False
+
+
+class HealthProbe(Protocol):
+    """An adapter's health capability. Must not raise for an unhealthy target: return CRITICAL."""
+
+    async def probe(self, component: Component) -> ProbeResult: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    service: str
+    component: str
+    spec: Component
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+
+@dataclass(frozen=True)
+class ComponentHealth:
+    target: Target
+    result: ProbeResult
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    items: tuple[ComponentHealth, ...]
+    duration_ms: float
+    skipped: tuple[Target, ...] = ()
+
+    @property
+    def status(self) -> Status:
+        return max((item.result.status for item in self.items), default=Status.HEALTHY)
+
+    def by_service(self) -> dict[str, list[ComponentHealth]]:
+        """Items grouped by service, worst service first, components worst first within each."""
+        groups: dict[str, list[ComponentHealth]] = {}
+        for item in self.items:
+            groups.setdefault(item.target.service, []).append(item)
+        for members in groups.values():
+            members.sort(key=lambda i: -i.result.status)
+        return dict(sorted(groups.items(), key=lambda kv: -max(i.result.status for i in kv[1])))
+
+
+ProbeObserver = Callable[[str, float, Status], None]
+
+
+def _error_line(exc: BaseException, redactor: Redactor) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    return redactor.redact(f"{name}: {text}"[:300] if text else name)
+
+
+async def _run_one(target: Target, probe: HealthProbe, redactor: Redactor) -> ProbeResult:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(target.spec.timeout):
+            result = await probe.probe(target.spec)
+    except TimeoutError:
+        elapsed = (time.perf_counter() - started) * 1000
+        return ProbeResult(Status.CRITICAL, f"no answer within {target.spec.timeout:g} s", elapsed)
+    except Exception as exc:  # a broken adapter must not take the whole report down
+        elapsed = (time.perf_counter() - started) * 1000
+        return ProbeResult(Status.CRITICAL, _error_line(exc, redactor), elapsed)
+    if not result.latency_ms:
+        result = ProbeResult(
+            result.status,
+            result.detail,
+            (time.perf_counter() - started) * 1000,
+            result.facts,
+            result.checks,
+            result.waking,
+        )
+    return ProbeResult(
+        result.status,
+        redactor.redact(result.detail),
+        result.latency_ms,
+        result.facts,
+        tuple(Check(c.name, c.status, redactor.redact(c.detail)) for c in result.checks),
+        result.waking,
+    )
+
+
+async def check_health(
+    targets: Sequence[Target],
+    probes: Callable[[Target], HealthProbe | None],
+    *,
+    deadline: float,
+    redactor: Redactor,
+    observe: ProbeObserver | None = None,
+) -> HealthReport:
+    """Probe every target concurrently; each has its own timeout and all share one deadline."""
+    started = time.perf_counter()
+    runnable: list[tuple[Target, HealthProbe]] = []
+    skipped: list[Target] = []
+    for target in targets:
+        probe = probes(target)
+        if probe is None:
+            skipped.append(target)
+        else:
+            runnable.append((target, probe))
+    tasks = [
+        asyncio.create_task(_run_one(t, p, redactor), name=f"probe:{t.service}/{t.component}") for t, p in runnable
+    ]
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=deadline)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    items: list[ComponentHealth] = []
+    for (target, _), task in zip(runnable, tasks, strict=True):
+        if task.cancelled():
+            waited = (time.perf_counter() - started) * 1000
+            result = ProbeResult(Status.CRITICAL, f"cut off at the overall deadline of {deadline:g} s", waited)
+        else:
+            result = task.result()
+        if observe is not None:
+            observe(target.type, result.latency_ms / 1000, result.status)
+        items.append(ComponentHealth(target, result))
+    return HealthReport(tuple(items), (time.perf_counter() - started) * 1000, tuple(skipped))

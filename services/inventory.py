@@ -1,0 +1,315 @@
+"""The inventory: services, their components, roles and the ops channel, loaded from YAML."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from services.errors import InventoryError
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+SlackId = Annotated[str, StringConstraints(pattern=r"^(\*|[UWS][A-Z0-9]{2,})$")]
+
+
+class Role(StrEnum):
+    """Roles, from least to most trusted; each includes the rights of those before it."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    APPROVER = "approver"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentBase(_Model):
+    description: str = ""
+    timeout: float = Field(5.0, gt=0, le=120, description="Seconds a single probe may take.")
+
+
+class HttpComponent(ComponentBase):
+    """An HTTP app with liveness, readiness and detail endpoints (runbooks 000, 002, 004)."""
+
+    type: Literal["http"]
+    url: AnyHttpUrl = Field(description="Base URL of the app, e.g. https://shop.example.com")
+    liveness: str | None = Field("/healthz", description="Liveness path; null to skip.")
+    readiness: str | None = Field("/ready", description="Readiness path (/ready or /readiness); null to skip.")
+    detail: str | None = Field("/health", description="Detail path answering JSON with a `components` map.")
+    metrics: str | None = Field(None, description="Prometheus metrics path, e.g. /metrics.")
+    expected_status: int = Field(200, ge=100, le=599)
+    slow_ms: int = Field(2000, gt=0, description="Answers slower than this are a warning.")
+    sleeps: bool = Field(False, description="The host sleeps when idle (Render free tier): a slow success is 'waking'.")
+    headers: dict[str, SecretStr] = Field(default_factory=dict, description="Extra request headers.")
+
+    @field_validator("liveness", "readiness", "detail", "metrics")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be a path starting with /")
+        return value
+
+
+class PostgresComponent(ComponentBase):
+    type: Literal["postgres"]
+    dsn: SecretStr = Field(description="postgresql://user:password@host:port/db, usually ${VAR}.")
+    jobs: JobsTable | None = None
+
+
+class JobsTable(_Model):
+    """The jobs-table convention of runbook 003."""
+
+    table: str = Field("jobs", pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,62}$")
+    status_column: str = Field("status", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    started_column: str = Field("started_at", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    stuck_after_minutes: int = Field(60, gt=0)
+
+
+class RedisComponent(ComponentBase):
+    type: Literal["redis"]
+    url: SecretStr = Field(description="redis://[:password@]host:port/db, usually ${VAR}.")
+    memory_warning_pct: float = Field(80.0, gt=0, le=100)
+    memory_critical_pct: float = Field(95.0, gt=0, le=100)
+
+
+class MongoComponent(ComponentBase):
+    type: Literal["mongodb"]
+    uri: SecretStr = Field(description="mongodb://user:password@host:port, usually ${VAR}.")
+    database: str = Field(min_length=1)
+    collections: list[str] = Field(default_factory=list, description="Collections whose counts are shown.")
+
+
+class QdrantComponent(ComponentBase):
+    type: Literal["qdrant"]
+    url: str | None = Field(None, description="Server URL, e.g. http://qdrant:6333.")
+    path: Path | None = Field(None, description="Local-mode storage directory (embedded Qdrant).")
+    api_key: SecretStr | None = None
+    collections: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> QdrantComponent:
+        if (self.url is None) == (self.path is None):
+            raise ValueError("set exactly one of url or path")
+        return self
+
+
+class SqliteComponent(ComponentBase):
+    type: Literal["sqlite"]
+    path: Path = Field(description="The database file.")
+
+
+class CloudRunComponent(ComponentBase):
+    type: Literal["cloudrun"]
+    project: str
+    region: str
+    service: str
+
+
+class LambdaComponent(ComponentBase):
+    type: Literal["lambda"]
+    function: str
+    alias: str = "live"
+    region: str = "us-east-1"
+
+
+class RenderComponent(ComponentBase):
+    type: Literal["render"]
+    service_id: str = Field(pattern=r"^srv-[a-z0-9]+$")
+    api_key: SecretStr
+
+
+class ComposeComponent(ComponentBase):
+    type: Literal["compose"]
+    project_dir: Path
+    project_name: str | None = None
+    services: list[str] = Field(default_factory=list)
+
+
+Component = Annotated[
+    HttpComponent
+    | PostgresComponent
+    | RedisComponent
+    | MongoComponent
+    | QdrantComponent
+    | SqliteComponent
+    | CloudRunComponent
+    | LambdaComponent
+    | RenderComponent
+    | ComposeComponent,
+    Field(discriminator="type"),
+]
+
+
+class Service(_Model):
+    description: str = ""
+    runbook: str | None = Field(None, description="Which runbook this service follows.")
+    components: dict[Name, Component] = Field(min_length=1)
+
+
+class Roles(_Model):
+    """Slack user IDs (U…/W…) or user-group IDs (S…) per role; "*" means everyone."""
+
+    viewer: list[SlackId] = Field(default_factory=list)
+    operator: list[SlackId] = Field(default_factory=list)
+    approver: list[SlackId] = Field(default_factory=list)
+    admin: list[SlackId] = Field(default_factory=list)
+
+    def members(self, role: Role) -> list[str]:
+        return list(getattr(self, role.value))
+
+
+class HealthSettings(_Model):
+    deadline: float = Field(10.0, gt=0, le=300, description="Overall deadline of one /ops health.")
+
+
+class Inventory(_Model):
+    """The whole inventory file."""
+
+    ops_channel: str | None = Field(None, pattern=r"^[CG][A-Z0-9]{2,}$", description="Channel ID.")
+    timezone: str = "UTC"
+    roles: Roles = Field(default_factory=Roles)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    services: dict[Name, Service] = Field(min_length=1)
+
+    def components(self) -> Iterator[tuple[str, str, Component]]:
+        for service_name, service in self.services.items():
+            for component_name, component in service.components.items():
+                yield service_name, component_name, component
+
+
+PostgresComponent.model_rebuild()
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(node: Any, path: str, env: Mapping[str, str], problems: list[str], used: set[str]) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string, collecting missing variables."""
+    if isinstance(node, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), env, problems, used) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{path}.{i}", env, problems, used) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            used.add(env[name])
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: missing env var {name}")
+        return ""
+
+    return _VAR.sub(replace, node)
+
+
+_TAGS = frozenset(
+    {"http", "postgres", "redis", "mongodb", "qdrant", "sqlite", "cloudrun", "lambda", "render", "compose"}
+)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    """Dotted path of a validation error, without the union tag pydantic inserts after a component."""
+    out: list[str] = []
+    for part in map(str, loc):
+        if part in _TAGS and len(out) >= 2 and out[-2] == "components":
+            continue
+        out.append(part)
+    return ".".join(out)
+
+
+def secrets_in(value: str) -> set[str]:
+    """The secret parts of a configured value: the whole value, and a URL's password if any."""
+    found = {value} if value else set()
+    try:
+        password = urlsplit(value).password
+    except ValueError:
+        password = None
+    if password:
+        found.add(password)
+    return found
+
+
+class LoadedInventory(BaseModel):
+    """A validated inventory plus the secret strings it was built from (for redaction)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    inventory: Inventory
+    source: str
+    secrets: frozenset[str]
+
+
+def parse_inventory(text: str, source: str, env: Mapping[str, str] | None = None) -> LoadedInventory:
+    """Parse and validate inventory YAML; raise InventoryError listing every problem by path."""
+    env = os.environ if env is None else env
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "file"
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise InventoryError(source, [f"{where}: {problem}"]) from None
+    if not isinstance(raw, dict):
+        raise InventoryError(source, ["(top level): expected a mapping with `services:`"])
+    problems: list[str] = []
+    used: set[str] = set()
+    expanded = _expand(raw, "", env, problems, used)
+    inventory: Inventory | None = None
+    try:
+        inventory = Inventory.model_validate(expanded)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            path = _loc(error["loc"]) or "(top level)"
+            if any(p.startswith(path + ":") for p in problems):
+                continue  # already reported as a missing variable
+            problems.append(f"{path}: {error['msg'].removeprefix('Value error, ')}")
+    if problems or inventory is None:
+        raise InventoryError(source, problems)
+    secrets: set[str] = set()
+    for value in used:
+        secrets |= secrets_in(value)
+    for _, _, component in inventory.components():
+        for field in type(component).model_fields:
+            value = getattr(component, field)
+            if isinstance(value, SecretStr):
+                secrets |= secrets_in(value.get_secret_value())
+    return LoadedInventory(inventory=inventory, source=source, secrets=frozenset(secrets))
+
+
+def load_inventory(path: str | Path, env: Mapping[str, str] | None = None) -> LoadedInventory:
+    """Read an inventory file; a missing or unreadable file is reported like any other problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InventoryError(str(path), [f"(file): cannot read: {exc.strerror or exc}"]) from None
+    return parse_inventory(text, str(path), env)
+
+
+def inventory_schema() -> dict[str, Any]:
+    """JSON Schema of the inventory, for editors."""
+    return Inventory.model_json_schema()

@@ -1,0 +1,3 @@
+"""Shared fixtures: real servers live in tests/fixtures/servers.py."""
+
+pytest_plugins = ["tests.fixtures.servers"]
