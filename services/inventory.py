@@ -9,6 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -193,6 +194,15 @@ class Inventory(_Model):
     roles: Roles = Field(default_factory=Roles)
     health: HealthSettings = Field(default_factory=HealthSettings)
     services: dict[Name, Service] = Field(min_length=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Seoul)") from None
+        return value
 
     def components(self) -> Iterator[tuple[str, str, Component]]:
         for service_name, service in self.services.items():

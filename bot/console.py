@@ -1,0 +1,85 @@
+"""/ops without Slack: a REPL (`opsbot console`) and one-shot runs (`opsbot run`)."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import sys
+from typing import TextIO
+
+from bot.container import Container
+from handlers.blocks import messages_for, render_text
+from handlers.context import Reply
+from services.health import Status
+from services.inventory import Role
+
+# Exit codes of `opsbot run`: the overall health, or 3 when the command was refused or failed.
+EXIT_FOR_STATUS = {Status.HEALTHY: 0, Status.WARNING: 1, Status.CRITICAL: 2}
+EXIT_REFUSED = 3
+
+LOCAL_USER = "local"
+CONSOLE_CHANNEL = "console"
+
+
+def render_reply(reply: Reply) -> str:
+    """A reply as the console shows it: every message, thread replies indented."""
+    parts: list[str] = []
+    for message in messages_for(reply):
+        text = render_text(message.blocks) if message.blocks else message.text
+        if message.in_thread:
+            text = "\n".join(f"  │ {line}" for line in ["(in thread)", *text.splitlines()])
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
+class Console:
+    """Runs /ops command lines as one user and prints the replies."""
+
+    def __init__(self, container: Container, user: str | None, out: TextIO = sys.stdout) -> None:
+        self.container = container
+        self.user = user or LOCAL_USER
+        self.out = out
+        if user is None:
+            # Whoever runs the CLI on the bot's host already holds its config and secrets:
+            # the local user is an admin. `--as U123` shows what that Slack user may do.
+            container.deps.roles.grant(LOCAL_USER, Role.ADMIN)
+
+    async def execute(self, line: str) -> Reply:
+        text = line.strip()
+        text = text.removeprefix("/ops").strip() if text.startswith("/ops") else text
+        return await self.container.router.dispatch(
+            user_id=self.user,
+            channel_id=CONSOLE_CHANNEL,
+            text=text,
+            deps=self.container.deps,
+            interface="console",
+        )
+
+    async def show(self, line: str) -> Reply:
+        self.out.write(f"\n> /ops {line.strip().removeprefix('/ops').strip()}\n")
+        reply = await self.execute(line)
+        self.out.write(render_reply(reply) + "\n")
+        self.out.flush()
+        return reply
+
+    async def loop(self, stdin: TextIO = sys.stdin) -> None:
+        who = f"{self.user} ({getpass.getuser()} on this host)" if self.user == LOCAL_USER else self.user
+        self.out.write(f"opsbot console as {who}. Type `/ops help`, or `quit`.\n")
+        while True:
+            self.out.write("ops> ")
+            self.out.flush()
+            line = await asyncio.to_thread(stdin.readline)
+            if not line:
+                self.out.write("\n")
+                return
+            if line.strip() in ("quit", "exit", ":q"):
+                return
+            if line.strip():
+                await self.show(line)
+
+
+def exit_code(reply: Reply) -> int:
+    """0 healthy, 1 warning, 2 critical; 3 when the command was refused or failed."""
+    if reply.outcome != "ok":
+        return EXIT_REFUSED
+    return EXIT_FOR_STATUS[reply.status] if reply.status is not None else 0

@@ -1,0 +1,110 @@
+"""The one place that builds every client, inside an AsyncExitStack, into a typed container."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.metrics import Metrics
+from bot.settings import Settings
+from handlers.commands import load_registry
+from handlers.context import Deps
+from handlers.router import Router
+from handlers.slack import group_members
+from services.access import RoleResolver
+from services.inventory import LoadedInventory, load_inventory
+from services.probes import build_health_probes
+from services.redaction import Redactor
+from services.state import StateStore, open_state_store
+
+log = structlog.get_logger(__name__)
+
+SLACK_TIMEOUT = 10  # seconds, per Web API call
+
+
+@dataclass
+class Container:
+    settings: Settings
+    loaded: LoadedInventory
+    store: StateStore
+    http: aiohttp.ClientSession
+    redactor: Redactor
+    metrics: Metrics
+    slack: AsyncWebClient | None
+    deps: Deps
+    router: Router
+
+
+def slack_client(settings: Settings) -> AsyncWebClient | None:
+    """The Web API client, retrying on 429 and connection errors; None without a bot token."""
+    if settings.slack_bot_token is None:
+        return None
+    return AsyncWebClient(
+        token=settings.slack_bot_token.get_secret_value(),
+        base_url=settings.slack_api_url,
+        timeout=SLACK_TIMEOUT,
+        retry_handlers=[
+            AsyncRateLimitErrorRetryHandler(max_retry_count=3),
+            AsyncConnectionErrorRetryHandler(max_retry_count=2),
+        ],
+    )
+
+
+@contextlib.asynccontextmanager
+async def build_container(
+    settings: Settings,
+    *,
+    redactor: Redactor | None = None,
+    inventory: LoadedInventory | None = None,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[Container]:
+    """Load the inventory, open the state store and HTTP session; close them all on exit."""
+    redactor = redactor or Redactor()
+    redactor.add(settings.secret_values())
+    loaded = inventory or load_inventory(settings.config)
+    redactor.add(loaded.secrets)
+    metrics = metrics or Metrics()
+    async with contextlib.AsyncExitStack() as stack:
+        store = await open_state_store(
+            settings.state_url.get_secret_value() if settings.state_url else None,
+            default_path=settings.sqlite_path,
+        )
+        stack.push_async_callback(store.close)
+        http = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=60, connect=10),
+                connector=aiohttp.TCPConnector(limit=200, limit_per_host=20),
+            )
+        )
+        slack = slack_client(settings)
+        if slack is not None:
+            stack.push_async_callback(slack.session.close) if slack.session else None
+        roles = RoleResolver(
+            loaded.inventory.roles,
+            (lambda group: group_members(slack, group)) if slack is not None else None,
+        )
+        deps = Deps(
+            loaded=loaded,
+            store=store,
+            probes=build_health_probes(http),
+            redactor=redactor,
+            roles=roles,
+            observe_probe=metrics.observe_probe,
+            observe_command=metrics.observe_command,
+        )
+        log.info(
+            "container_ready",
+            inventory=loaded.source,
+            services=len(loaded.inventory.services),
+            state=store.kind,
+        )
+        yield Container(settings, loaded, store, http, redactor, metrics, slack, deps, Router(load_registry()))

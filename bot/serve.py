@@ -1,0 +1,90 @@
+"""`opsbot serve`: Slack over HTTP (default) or Socket Mode, with /healthz, /ready and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+
+import structlog
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+from bot.app import build_bolt_app
+from bot.container import Container, build_container
+from bot.metrics import Metrics
+from bot.server import Readiness, Runtime, build_web_app
+from bot.settings import Settings
+from services.redaction import Redactor
+
+log = structlog.get_logger(__name__)
+
+
+async def _started(runtime: Runtime) -> str | None:
+    return None if runtime.bolt is not None else "inventory and state store not loaded yet"
+
+
+def _store_answers(container: Container) -> Readiness.Check:
+    async def check() -> str | None:
+        await container.store.ping()
+        return None
+
+    return check
+
+
+async def serve(
+    settings: Settings,
+    redactor: Redactor,
+    *,
+    socket_mode: bool,
+    port: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    missing = settings.require_slack(socket=socket_mode)
+    if missing:
+        print(f"opsbot serve needs these environment variables: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    metrics = Metrics()
+    readiness = Readiness()
+    runtime = Runtime(metrics, readiness)
+    readiness.add("startup", lambda: _started(runtime))
+    runner = web.AppRunner(build_web_app(runtime, slack_events=not socket_mode), access_log=None)
+    await runner.setup()
+    listen_port = port if port is not None else settings.port
+    site = web.TCPSite(runner, settings.host, listen_port)
+    await site.start()
+    log.info("listening", host=settings.host, port=listen_port, mode="socket" if socket_mode else "http")
+    try:
+        async with build_container(settings, redactor=redactor, metrics=metrics) as container:
+            readiness.add("state_store", _store_answers(container))
+            bolt = build_bolt_app(container)
+            if socket_mode:
+                assert settings.slack_app_token is not None  # checked by require_slack
+                handler = AsyncSocketModeHandler(
+                    bolt, settings.slack_app_token.get_secret_value(), web_client=container.slack
+                )
+
+                async def connected() -> str | None:
+                    return None if await handler.client.is_connected() else "Socket Mode not connected"
+
+                readiness.add("socket", connected)
+                await handler.connect_async()
+                runtime.bolt = bolt
+                try:
+                    await stop.wait()
+                finally:
+                    await handler.close_async()
+            else:
+                runtime.bolt = bolt
+                await stop.wait()
+    finally:
+        log.info("shutting_down")
+        await runner.cleanup()
+    return 0

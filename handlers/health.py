@@ -1,0 +1,115 @@
+"""/ops health [service|all]: probe components concurrently and report one status per line."""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+
+from pydantic import Field
+
+from handlers import blocks as bk
+from handlers.context import Block, OpsContext, Reply
+from handlers.registry import CommandArgs, clip_token, subcommand
+from services.access import Risk
+from services.errors import CommandError
+from services.health import ComponentHealth, HealthReport, Status, Target, check_health
+from services.inventory import Inventory
+
+
+class HealthArgs(CommandArgs):
+    positional = ("service",)
+    service: str = Field("all", max_length=64)
+
+
+def resolve_service(inventory: Inventory, name: str) -> str:
+    """The service called ``name``, or a clear refusal naming the closest ones."""
+    key = name.lower()
+    if key in inventory.services:
+        return key
+    known = sorted(inventory.services)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
+    listed = ", ".join(f"`{k}`" for k in known[:20]) + (" …" if len(known) > 20 else "")
+    raise CommandError(f"There is no service called `{clip_token(name)}`.{hint} Known services: {listed}.")
+
+
+def targets_for(inventory: Inventory, service: str) -> list[Target]:
+    return [Target(s, c, spec) for s, c, spec in inventory.components() if service == "all" or s == service]
+
+
+@subcommand(
+    "health",
+    help="Probe every component of a service (or of all services) and report its status",
+    usage="[service|all]",
+    risk=Risk.READ,
+    args=HealthArgs,
+)
+async def health(ctx: OpsContext, args: HealthArgs) -> Reply:
+    inventory = ctx.deps.inventory
+    scope = "all" if args.service.lower() == "all" else resolve_service(inventory, args.service)
+    report = await check_health(
+        targets_for(inventory, scope),
+        ctx.deps.probe_for,
+        deadline=inventory.health.deadline,
+        redactor=ctx.deps.redactor,
+        observe=ctx.deps.observe_probe,
+    )
+    return render_health(report, "all services" if scope == "all" else scope)
+
+
+def _emoji(item: ComponentHealth) -> str:
+    return bk.WAKING_EMOJI if item.result.waking else bk.STATUS_EMOJI[item.result.status]
+
+
+def component_line(item: ComponentHealth, *, with_service: bool = False) -> str:
+    result = item.result
+    name = f"{item.target.service}/{item.target.component}" if with_service else item.target.component
+    line = (
+        f"{_emoji(item)} *{bk.escape(name)}* ({item.target.type}) · {result.latency_ms:,.0f} ms · "
+        f"{bk.escape(result.detail)}"
+    )
+    extra = [
+        f"      ↳ {bk.STATUS_EMOJI[c.status]} {bk.escape(c.name)}" + (f": {bk.escape(c.detail)}" if c.detail else "")
+        for c in result.checks
+        if c.status is not Status.HEALTHY or len(result.checks) <= 6
+    ]
+    return "\n".join([line, *extra])
+
+
+def _counts(report: HealthReport) -> str:
+    counts = Counter(item.result.status for item in report.items)
+    parts = [f"{counts[s]} {s.label}" for s in (Status.CRITICAL, Status.WARNING, Status.HEALTHY) if counts[s]]
+    services = len({item.target.service for item in report.items})
+    return (
+        f"{len(report.items)} component(s) in {services} service(s): {', '.join(parts) or 'nothing probed'} · "
+        f"took {report.duration_ms / 1000:.1f} s"
+    )
+
+
+def render_health(report: HealthReport, scope: str) -> Reply:
+    status = report.status
+    title = f"{bk.STATUS_EMOJI[status]} Health of {scope}: {status.label}"
+    head = [bk.header(f"Health of {scope}: {status.label}"), bk.context(_counts(report))]
+    body: list[Block] = []
+    for service, items in report.by_service().items():
+        worst = max(i.result.status for i in items)
+        body += bk.sections(
+            (component_line(i) for i in items),
+            title=f"{bk.STATUS_EMOJI[worst]} *{bk.escape(service)}*",
+        )
+    if report.skipped:
+        skipped = ", ".join(f"{t.service}/{t.component} ({t.type})" for t in report.skipped)
+        body.append(bk.context(f"Not probed (no health check for their type): {bk.escape(skipped)}"))
+    problems = [i for i in report.items if i.result.status is not Status.HEALTHY]
+    problems.sort(key=lambda i: -i.result.status)
+    summary = head + (
+        bk.sections((component_line(i, with_service=True) for i in problems), title="*Problems first:*")[:40]
+        if problems
+        else [bk.section("Every component answered healthy.")]
+    )
+    lines = [title, _counts(report)]
+    lines += [
+        f"{i.result.status.label.upper():8} {i.target.service}/{i.target.component}: {i.result.detail}"
+        for i in problems[:20]
+    ]
+    return Reply("\n".join(lines), head + body, summary=summary, status=status)

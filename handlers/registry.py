@@ -1,0 +1,157 @@
+"""The registry of /ops subcommands: each is declared once, with a decorator, next to its code."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from handlers.context import OpsContext, Reply
+from services.access import Risk
+from services.errors import CommandError
+
+MAX_TEXT = 500
+_SMART_QUOTES: dict[int, str] = {0x201C: '"', 0x201D: '"', 0x2018: "'", 0x2019: "'"}
+MAX_TOKEN = 200
+
+
+class CommandArgs(BaseModel):
+    """Arguments of a subcommand. ``positional`` names the fields filled by bare words, in order;
+    every other field is an option (``--name value``, or ``--flag`` for booleans)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    positional: ClassVar[tuple[str, ...]] = ()
+
+
+class NoArgs(CommandArgs):
+    pass
+
+
+A = TypeVar("A", bound=CommandArgs)
+CommandFunc = Callable[[OpsContext, Any], Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    verb: str
+    help: str
+    usage: str
+    risk: Risk
+    args: type[CommandArgs]
+    func: CommandFunc
+
+    @property
+    def synopsis(self) -> str:
+        return f"/ops {self.verb} {self.usage}".rstrip()
+
+
+class Registry:
+    """Verbs to subcommands. A verb may have two words (``backup list``); the longest match wins."""
+
+    def __init__(self) -> None:
+        self._commands: dict[str, Subcommand] = {}
+
+    def subcommand(
+        self, verb: str, *, help: str, usage: str = "", risk: Risk, args: type[A]
+    ) -> Callable[[Callable[[OpsContext, A], Awaitable[Reply]]], Callable[[OpsContext, A], Awaitable[Reply]]]:
+        def register(func: Callable[[OpsContext, A], Awaitable[Reply]]) -> Callable[[OpsContext, A], Awaitable[Reply]]:
+            if verb in self._commands:
+                raise ValueError(f"/ops {verb} is declared twice")
+            self._commands[verb] = Subcommand(verb, help, usage, risk, args, func)
+            return func
+
+        return register
+
+    def __iter__(self) -> Any:
+        return iter(sorted(self._commands.values(), key=lambda c: c.verb))
+
+    def verbs(self) -> list[str]:
+        return sorted(self._commands)
+
+    def find(self, tokens: Sequence[str]) -> tuple[Subcommand | None, list[str]]:
+        """The subcommand named by the first one or two tokens, and the remaining tokens."""
+        if len(tokens) >= 2 and (cmd := self._commands.get(f"{tokens[0]} {tokens[1]}".lower())):
+            return cmd, list(tokens[2:])
+        if tokens and (cmd := self._commands.get(tokens[0].lower())):
+            return cmd, list(tokens[1:])
+        return None, list(tokens[1:])
+
+
+def tokenize(text: str) -> list[str]:
+    """Split command text like a shell would, but never run one; reject what we will not read."""
+    text = text.strip()
+    if len(text) > MAX_TEXT:
+        raise CommandError(f"That command is {len(text)} characters long; the limit is {MAX_TEXT}.")
+    if any(ord(ch) < 32 and ch not in "\t\n" for ch in text):
+        raise CommandError("The command contains control characters; please type it again.")
+    # Slack may send smart quotes from some keyboards; treat them as plain quotes.
+    text = text.translate(_SMART_QUOTES)
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise CommandError(f"Couldn't read the arguments: {exc} (check your quotes).") from None
+    for token in tokens:
+        if len(token) > MAX_TOKEN:
+            raise CommandError(f"An argument is {len(token)} characters long; the limit is {MAX_TOKEN}.")
+    return tokens
+
+
+def parse_args(command: Subcommand, tokens: Sequence[str]) -> CommandArgs:
+    """Fill the command's argument model from tokens; errors say what was expected."""
+    model = command.args
+    fields = model.model_fields
+    usage = f"Usage: `{command.synopsis}`"
+    values: dict[str, Any] = {}
+    positional: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("--") and len(token) > 2:
+            name, has_value, value = token[2:].partition("=")
+            key = name.replace("-", "_")
+            if key not in fields or key in model.positional:
+                known = ", ".join(f"`--{f.replace('_', '-')}`" for f in fields if f not in model.positional)
+                raise CommandError(
+                    f"`/ops {command.verb}` has no option `--{name}`"
+                    + (f" (options: {known})." if known else " (it takes no options).")
+                    + f" {usage}"
+                )
+            if fields[key].annotation is bool:
+                values[key] = value if has_value else True
+            elif has_value:
+                values[key] = value
+            elif i + 1 < len(tokens):
+                i += 1
+                values[key] = tokens[i]
+            else:
+                raise CommandError(f"`--{name}` needs a value. {usage}")
+        else:
+            positional.append(token)
+        i += 1
+    if len(positional) > len(model.positional):
+        extra = " ".join(positional[len(model.positional) :])
+        raise CommandError(f"Unexpected `{clip_token(extra)}`. {usage}")
+    values.update(zip(model.positional, positional, strict=False))
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        label = field if field in model.positional else f"--{field.replace('_', '-')}"
+        if error["type"] == "missing":
+            raise CommandError(f"Missing `{label}`. {usage}") from None
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise CommandError(f"`{label}`: {message[0].lower()}{message[1:]}. {usage}") from None
+
+
+def clip_token(text: str, limit: int = 40) -> str:
+    text = text.replace("`", "'")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# The one registry the bot uses; command modules declare into it with ``@subcommand``.
+registry = Registry()
+subcommand = registry.subcommand

@@ -1,0 +1,152 @@
+"""The /ops router: find the verb, check the role, parse the arguments, run, audit, measure."""
+
+from __future__ import annotations
+
+import difflib
+import time
+import uuid
+
+import structlog
+
+from handlers import blocks as bk
+from handlers.context import Deps, OpsContext, Reply
+from handlers.registry import Registry, Subcommand, clip_token, parse_args, tokenize
+from services.access import describe
+from services.errors import CommandError, PermissionDenied
+from services.inventory import Role
+from services.state import AuditRecord
+
+log = structlog.get_logger(__name__)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def may_run(roles: frozenset[Role], command: Subcommand) -> bool:
+    return command.risk.required_role in roles
+
+
+def help_reply(registry: Registry, roles: frozenset[Role]) -> Reply:
+    """Only what the caller may run."""
+    allowed = [c for c in registry if may_run(roles, c)]
+    if not allowed:
+        text = (
+            "You have no opsbot role yet, so there is nothing you can run. "
+            "Ask an opsbot admin to add you to a role in the inventory."
+        )
+        return Reply(text, [bk.section(text)], ephemeral=True)
+    lines = [f"`{c.synopsis}` — {c.help}" for c in allowed]
+    hidden = sum(1 for _ in registry) - len(allowed)
+    note = f"You are {describe(roles)}." + (f" {hidden} more command(s) need a higher role." if hidden else "")
+    blocks = [bk.header("opsbot commands"), *bk.sections(lines), bk.context(note)]
+    return Reply("opsbot commands: " + ", ".join(c.verb for c in allowed), blocks, ephemeral=True)
+
+
+def error_reply(message: str) -> Reply:
+    return Reply(message, [bk.section(f":warning: {message}")], ephemeral=True)
+
+
+class Router:
+    """Turns command text from any interface (Slack, console, one-shot run) into a Reply."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def dispatch(
+        self,
+        *,
+        user_id: str,
+        channel_id: str,
+        text: str,
+        deps: Deps,
+        request_id: str | None = None,
+        interface: str = "slack",
+    ) -> Reply:
+        request_id = request_id or new_request_id()
+        started = time.perf_counter()
+        verb = "help"
+        args_text = deps.redactor.redact(text.strip())[:500]
+        service: str | None = None
+        outcome = "ok"
+        detail = ""
+        with structlog.contextvars.bound_contextvars(request_id=request_id, user=user_id):
+            try:
+                roles = await deps.roles.roles_of(user_id)
+                tokens = tokenize(text)
+                if not tokens or tokens[0].lower() in ("help", "-h", "--help", "?"):
+                    reply = help_reply(self.registry, roles)
+                else:
+                    command, rest = self.registry.find(tokens)
+                    if command is None:
+                        verb = "unknown"
+                        raise CommandError(self._unknown(tokens[0], roles))
+                    verb = command.verb
+                    structlog.contextvars.bind_contextvars(verb=verb)
+                    if not may_run(roles, command):
+                        raise PermissionDenied(
+                            f"`/ops {command.verb}` needs the {command.risk.required_role.value} role; "
+                            f"you are {describe(roles)}."
+                        )
+                    args = parse_args(command, rest)
+                    service = getattr(args, "service", None)
+                    ctx = OpsContext(user_id, channel_id, request_id, roles, deps, interface)
+                    log.info("command_started", args=args_text)
+                    reply = await command.func(ctx, args)
+            except CommandError as exc:
+                outcome, detail = exc.outcome, exc.message
+                log.info("command_refused", outcome=outcome, reason=deps.redactor.redact(exc.message))
+                reply = error_reply(deps.redactor.redact(exc.message))
+            except Exception:
+                outcome, detail = "error", f"failed (ref {request_id})"
+                log.exception("command_failed", args=args_text)
+                reply = error_reply(
+                    f"Sorry — `/ops {verb}` failed (ref {request_id}). The details are in the bot's log."
+                )
+            elapsed = time.perf_counter() - started
+            reply.outcome = outcome
+            if outcome == "ok" and reply.status is not None:
+                detail = f"status {reply.status.label}"
+            await self._audit(deps, request_id, user_id, channel_id, verb, args_text, outcome, elapsed, service, detail)
+            if deps.observe_command is not None:
+                deps.observe_command(verb, outcome, elapsed)
+            log.info("command_finished", outcome=outcome, duration_ms=round(elapsed * 1000, 1))
+        return reply
+
+    def _unknown(self, word: str, roles: frozenset[Role]) -> str:
+        allowed = sorted({c.verb.split()[0] for c in self.registry if may_run(roles, c)})
+        close = difflib.get_close_matches(word.lower(), allowed, n=3, cutoff=0.5)
+        shown = clip_token(word)
+        if close:
+            return f"There is no `/ops {shown}`. Did you mean " + " or ".join(f"`/ops {c}`" for c in close) + "?"
+        return f"There is no `/ops {shown}`. Type `/ops help` to see what you can run."
+
+    async def _audit(
+        self,
+        deps: Deps,
+        request_id: str,
+        user_id: str,
+        channel_id: str,
+        verb: str,
+        args_text: str,
+        outcome: str,
+        elapsed: float,
+        service: str | None,
+        detail: str,
+    ) -> None:
+        record = AuditRecord(
+            request_id=request_id,
+            actor=user_id,
+            command=verb,
+            args=args_text,
+            channel=channel_id,
+            outcome=outcome,
+            duration_ms=elapsed * 1000,
+            service=service,
+            detail=deps.redactor.redact(detail)[:500],
+        )
+        try:
+            await deps.store.append_audit(record)
+        except Exception:
+            # The answer still reaches the user; a lost audit write is loud in the log and /ready.
+            log.exception("audit_write_failed", verb=verb, outcome=outcome)
