@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = _settings()
     redactor = Redactor(settings.secret_values())
-    configure_logging(settings.log_format, settings.log_level, redactor)
+    # Console, run and demo print reports on stdout; their logs stay quiet unless asked for.
+    quiet = args.command != "serve" and "OPSBOT_LOG_LEVEL" not in os.environ
+    configure_logging(settings.log_format, "WARNING" if quiet else settings.log_level, redactor)
     try:
         return asyncio.run(_async_main(args, settings, redactor))
     except InventoryError as exc:

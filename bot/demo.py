@@ -76,7 +76,7 @@ async def run_demo(
 ) -> int:
     with tempfile.TemporaryDirectory(prefix="opsbot-demo-") as tmp:
         root = Path(tmp)
-        demo_settings = settings.model_copy(update={"state_url": None, "state_dir": str(root)})
+        demo_settings = settings.model_copy(update={"state_url": None, "state_dir": root})
         async with demo_world(root) as loaded, build_container(demo_settings, inventory=loaded) as container:
             out.write(
                 "opsbot demo: a sample app on loopback with one degraded component, a demo SQLite database,\n"

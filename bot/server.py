@@ -20,8 +20,6 @@ ReadyCheck = Callable[[], Awaitable[str | None]]
 class Readiness:
     """Collects the conditions /ready waits for; each returns None when fine or a reason."""
 
-    Check = ReadyCheck
-
     def __init__(self) -> None:
         self._checks: list[tuple[str, ReadyCheck]] = []
 

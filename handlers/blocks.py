@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,25 @@ def _text_of(obj: Any) -> str:
     return ""
 
 
+_CONSOLE_EMOJI = {
+    ":large_green_circle:": "🟢",
+    ":large_yellow_circle:": "🟡",
+    ":red_circle:": "🔴",
+    ":hourglass_flowing_sand:": "⏳",
+    ":warning:": "⚠️ ",
+    ":thread:": "🧵",
+}
+_MRKDWN_BOLD = re.compile(r"(?<![\w*])\*(\S(?:[^*\n]*\S)?)\*(?![\w*])")
+
+
+def plain(text: str) -> str:
+    """mrkdwn to terminal text: emoji shortcodes to symbols, *bold* to plain, entities unescaped."""
+    for code, symbol in _CONSOLE_EMOJI.items():
+        text = text.replace(code, symbol)
+    text = _MRKDWN_BOLD.sub(r"\1", text)
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
 def render_text(blocks: list[Block]) -> str:
     """Block Kit as readable plain text for the console; buttons become numbered choices."""
     lines: list[str] = []
@@ -121,4 +141,4 @@ def render_text(blocks: list[Block]) -> str:
                 if element.get("type") == "button":
                     choice += 1
                     lines.append(f"  [{choice}] {_text_of(element.get('text'))}")
-    return "\n".join(lines)
+    return plain("\n".join(lines))

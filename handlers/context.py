@@ -2,18 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.access import RoleResolver
-from services.health import HealthProbe, ProbeObserver, Status, Target
+from services.health import HealthProbe, InFlightProbes, ProbeObserver, Status, Target
 from services.inventory import Inventory, LoadedInventory, Role
 from services.redaction import Redactor
 from services.state import StateStore
 
 Block = dict[str, Any]
 CommandObserver = Callable[[str, str, float], None]
+
+
+class RunningCommands:
+    """Counts commands still at work, so a shutdown can wait for them (nothing half-answered)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @contextlib.asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        self._count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no command is running."""
+        await self._idle.wait()
 
 
 @dataclass
@@ -27,6 +57,8 @@ class Deps:
     roles: RoleResolver
     observe_probe: ProbeObserver | None = None
     observe_command: CommandObserver | None = None
+    in_flight: InFlightProbes = field(default_factory=InFlightProbes)
+    running: RunningCommands = field(default_factory=RunningCommands)
 
     @property
     def inventory(self) -> Inventory:

@@ -53,6 +53,7 @@ async def health(ctx: OpsContext, args: HealthArgs) -> Reply:
         deadline=inventory.health.deadline,
         redactor=ctx.deps.redactor,
         observe=ctx.deps.observe_probe,
+        in_flight=ctx.deps.in_flight,
     )
     return render_health(report, "all services" if scope == "all" else scope)
 
@@ -76,13 +77,17 @@ def component_line(item: ComponentHealth, *, with_service: bool = False) -> str:
     return "\n".join([line, *extra])
 
 
+def _duration(ms: float) -> str:
+    return f"{ms:,.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
 def _counts(report: HealthReport) -> str:
     counts = Counter(item.result.status for item in report.items)
     parts = [f"{counts[s]} {s.label}" for s in (Status.CRITICAL, Status.WARNING, Status.HEALTHY) if counts[s]]
     services = len({item.target.service for item in report.items})
     return (
         f"{len(report.items)} component(s) in {services} service(s): {', '.join(parts) or 'nothing probed'} · "
-        f"took {report.duration_ms / 1000:.1f} s"
+        f"took {_duration(report.duration_ms)}"
     )
 
 

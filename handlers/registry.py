@@ -89,10 +89,12 @@ def tokenize(text: str) -> list[str]:
         raise CommandError("The command contains control characters; please type it again.")
     # Slack may send smart quotes from some keyboards; treat them as plain quotes.
     text = text.translate(_SMART_QUOTES)
+    # With should_escape, Slack sends &, < and > as entities; mentions stay <@U123|name>.
+    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     try:
         tokens = shlex.split(text)
     except ValueError as exc:
-        raise CommandError(f"Couldn't read the arguments: {exc} (check your quotes).") from None
+        raise CommandError(f"Couldn't read the arguments: {str(exc).lower()} (check your quotes).") from None
     for token in tokens:
         if len(token) > MAX_TOKEN:
             raise CommandError(f"An argument is {len(token)} characters long; the limit is {MAX_TOKEN}.")

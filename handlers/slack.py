@@ -22,7 +22,8 @@ _FALLBACK_ERRORS = frozenset({"not_in_channel", "channel_not_found", "is_archive
 async def group_members(client: AsyncWebClient, group_id: str) -> frozenset[str]:
     """Members of a Slack user group (usergroups.users.list)."""
     response = await client.usergroups_users_list(usergroup=group_id)
-    return frozenset(str(u) for u in response.get("users", []))
+    users: list[str] = response.get("users", [])
+    return frozenset(users)
 
 
 async def deliver(client: AsyncWebClient, respond: AsyncRespond, channel_id: str, reply: Reply) -> None:
@@ -68,17 +69,18 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
         await ack()  # Slack wants an answer within 3 s; everything slow happens after this.
         request_id = new_request_id()
         channel_id = str(command.get("channel_id", ""))
-        reply = await router.dispatch(
-            user_id=str(command.get("user_id", "")),
-            channel_id=channel_id,
-            text=str(command.get("text", "")),
-            deps=deps,
-            request_id=request_id,
-        )
-        try:
-            await deliver(client, respond, channel_id, reply)
-        except Exception:
-            log.exception("reply_delivery_failed", request_id=request_id)
+        async with deps.running.track():
+            reply = await router.dispatch(
+                user_id=str(command.get("user_id", "")),
+                channel_id=channel_id,
+                text=str(command.get("text", "")),
+                deps=deps,
+                request_id=request_id,
+            )
+            try:
+                await deliver(client, respond, channel_id, reply)
+            except Exception:
+                log.exception("reply_delivery_failed", request_id=request_id)
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> None:

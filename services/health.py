@@ -98,7 +98,16 @@ def _error_line(exc: BaseException, redactor: Redactor) -> str:
     return redactor.redact(f"{name}: {text}"[:300] if text else name)
 
 
-async def _run_one(target: Target, probe: HealthProbe, redactor: Redactor) -> ProbeResult:
+async def _run_one(
+    target: Target, probe: HealthProbe, redactor: Redactor, observe: ProbeObserver | None
+) -> ProbeResult:
+    result = await _probe_once(target, probe, redactor)
+    if observe is not None:
+        observe(target.type, result.latency_ms / 1000, result.status)
+    return result
+
+
+async def _probe_once(target: Target, probe: HealthProbe, redactor: Redactor) -> ProbeResult:
     started = time.perf_counter()
     try:
         async with asyncio.timeout(target.spec.timeout):
@@ -128,6 +137,36 @@ async def _run_one(target: Target, probe: HealthProbe, redactor: Redactor) -> Pr
     )
 
 
+class InFlightProbes:
+    """Shares a probe that is already running between concurrent health checks.
+
+    When ten people type `/ops health all` during an incident, each component is probed once,
+    not ten times: a struggling service is not hammered by its own monitoring, and the bot's
+    event loop stays free to ack. A probe is shared only while it runs; the next check probes
+    afresh. Each probe is bounded by its own timeout, so a shared one never outlives that.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[tuple[str, str], asyncio.Task[ProbeResult]] = {}
+
+    def start(
+        self, target: Target, probe: HealthProbe, redactor: Redactor, observe: ProbeObserver | None
+    ) -> asyncio.Task[ProbeResult]:
+        key = (target.service, target.component)
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.create_task(
+                _run_one(target, probe, redactor, observe), name=f"probe:{target.service}/{target.component}"
+            )
+            self._running[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
+        return task
+
+    def _forget(self, key: tuple[str, str], done: asyncio.Task[ProbeResult]) -> None:
+        if self._running.get(key) is done:
+            del self._running[key]
+
+
 async def check_health(
     targets: Sequence[Target],
     probes: Callable[[Target], HealthProbe | None],
@@ -135,6 +174,7 @@ async def check_health(
     deadline: float,
     redactor: Redactor,
     observe: ProbeObserver | None = None,
+    in_flight: InFlightProbes | None = None,
 ) -> HealthReport:
     """Probe every target concurrently; each has its own timeout and all share one deadline."""
     started = time.perf_counter()
@@ -146,9 +186,9 @@ async def check_health(
             skipped.append(target)
         else:
             runnable.append((target, probe))
-    tasks = [
-        asyncio.create_task(_run_one(t, p, redactor), name=f"probe:{t.service}/{t.component}") for t, p in runnable
-    ]
+    shared = in_flight or InFlightProbes()
+    # shield: hitting this check's deadline must not cancel a probe another check is waiting on.
+    tasks = [asyncio.shield(shared.start(t, p, redactor, observe)) for t, p in runnable]
     if tasks:
         _, pending = await asyncio.wait(tasks, timeout=deadline)
         for task in pending:
@@ -161,7 +201,5 @@ async def check_health(
             result = ProbeResult(Status.CRITICAL, f"cut off at the overall deadline of {deadline:g} s", waited)
         else:
             result = task.result()
-        if observe is not None:
-            observe(target.type, result.latency_ms / 1000, result.status)
         items.append(ComponentHealth(target, result))
     return HealthReport(tuple(items), (time.perf_counter() - started) * 1000, tuple(skipped))

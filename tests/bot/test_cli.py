@@ -1,0 +1,200 @@
+"""The `opsbot` command line, run as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bot.sample_app import SampleAppState, start_sample_app
+from tests.fixtures.servers import free_port
+from tests.fixtures.slack import FakeSlack, sign
+
+ROOT = Path(__file__).parents[2]
+EXAMPLE = ROOT / "examples" / "inventory.yaml"
+
+
+async def opsbot(*args: str, env: dict[str, str] | None = None, stdin: bytes = b"") -> tuple[int, str, str]:
+    """Run `python -m bot.cli ARGS` without blocking the event loop (sample apps live in it)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "OPSBOT_"))}
+    full_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=full_env, cwd=ROOT,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def app_url() -> AsyncIterator[tuple[SampleAppState, str]]:
+    state = SampleAppState()
+    runner, url = await start_sample_app(state)
+    yield state, url
+    await runner.cleanup()
+
+
+def write_inventory(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "opsbot.yaml"
+    path.write_text(
+        f"""
+roles: {{viewer: ["*"]}}
+services:
+  shop:
+    components:
+      api: {{type: http, url: "{url}", timeout: 2}}
+"""
+    )
+    return path
+
+
+async def test_config_check_good_file_summarises() -> None:
+    env = {
+        "VCBL_DB_URL": "postgresql://u:p@h/d",
+        "VCC_MONGO_URI": "mongodb://h",
+        "RENDER_API_KEY": "k",
+        "YT_DB_URL": "postgresql://h/y",
+    }
+    code, out, err = await opsbot("config", "check", str(EXAMPLE), env=env)
+    assert code == 0, err
+    assert "OK" in out and "5 service(s)" in out
+
+
+async def test_config_check_bad_file_lists_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "services:\n  shop:\n    components:\n      db: {type: postgres, dsn: '${NOPE}'}\n      x: {type: q}\n"
+    )
+    code, out, err = await opsbot("config", "check", str(bad))
+    assert code == 1
+    assert "2 problem(s)" in err
+    assert "services.shop.components.db.dsn: missing env var NOPE" in err
+    assert "services.shop.components.x:" in err
+    assert "Traceback" not in err + out
+
+
+async def test_config_schema_is_json_schema() -> None:
+    code, out, _ = await opsbot("config", "schema")
+    assert code == 0
+    schema = json.loads(out)
+    assert "services" in schema["properties"]
+    assert (ROOT / "examples" / "inventory.schema.json").read_text().strip() == out.strip()
+
+
+async def test_run_exit_codes_follow_health(tmp_path: Path, app_url: tuple[SampleAppState, str]) -> None:
+    state, url = app_url
+    env = {"OPSBOT_CONFIG": str(write_inventory(tmp_path, url)), "OPSBOT_STATE_DIR": str(tmp_path / "state")}
+    code, out, err = await opsbot("run", "health all", env=env)
+    assert code == 0, out + err
+    assert "Health of all services: healthy" in out
+    state.components = {"db": "healthy", "llm": "degraded"}
+    code, out, _ = await opsbot("run", "health all", env=env)
+    assert code == 1 and "warning" in out
+    state.status = 500
+    code, out, _ = await opsbot("run", "health shop", env=env)
+    assert code == 2 and "critical" in out
+    code, out, _ = await opsbot("run", "hleath", env=env)
+    assert code == 3 and "Did you mean `/ops health`?" in out
+
+
+async def test_run_with_a_broken_inventory_lists_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services: {}\n")
+    code, out, err = await opsbot("run", "health all", env={"OPSBOT_CONFIG": str(bad)})
+    assert code == 1
+    assert "services: Dictionary should have at least 1 item" in err
+    assert "Traceback" not in err + out
+
+
+async def test_serve_without_tokens_names_what_is_missing() -> None:
+    code, _, err = await opsbot("serve")
+    assert code == 2
+    assert "SLACK_BOT_TOKEN" in err and "SLACK_SIGNING_SECRET" in err
+    code, _, err = await opsbot("serve", "--socket", env={"SLACK_BOT_TOKEN": "xoxb-1"})
+    assert code == 2 and "SLACK_APP_TOKEN" in err and "SLACK_BOT_TOKEN" not in err
+
+
+async def test_demo_runs_health_and_exits_without_a_terminal() -> None:
+    code, out, err = await opsbot("demo")
+    assert code == 0, err
+    assert "Health of all services: warning" in out
+    assert "llm: degraded" in out
+    assert "Traceback" not in err
+
+
+async def test_console_reads_commands_as_a_chosen_user(tmp_path: Path, app_url: tuple[SampleAppState, str]) -> None:
+    _, url = app_url
+    path = tmp_path / "opsbot.yaml"
+    path.write_text(
+        f'roles: {{viewer: [U0VIEWER]}}\nservices: {{shop: {{components: {{api: {{type: http, url: "{url}"}}}}}}}}\n'
+    )
+    env = {"OPSBOT_CONFIG": str(path), "OPSBOT_STATE_DIR": str(tmp_path / "state")}
+    code, out, _ = await opsbot("console", "--as", "U0VIEWER", env=env, stdin=b"/ops help\nhealth shop\nquit\n")
+    assert code == 0
+    assert "/ops health [service|all]" in out
+    assert "Health of shop: healthy" in out
+    code, out, _ = await opsbot("console", "--as", "U0STRANGER", env=env, stdin=b"health shop\n")
+    assert "needs the viewer role; you are not in any opsbot role" in out
+
+
+async def test_serve_answers_slack_over_http_and_stops_on_sigterm(
+    tmp_path: Path, app_url: tuple[SampleAppState, str], fake_slack: FakeSlack
+) -> None:
+    _, url = app_url
+    port = free_port()
+    secret = "signing-secret-for-serve"
+    env = {
+        **os.environ,
+        "SLACK_BOT_TOKEN": "xoxb-serve-test-token",
+        "SLACK_SIGNING_SECRET": secret,
+        "OPSBOT_SLACK_API_URL": fake_slack.base_url,
+        "OPSBOT_CONFIG": str(write_inventory(tmp_path, url)),
+        "OPSBOT_STATE_DIR": str(tmp_path / "state"),
+        "OPSBOT_PORT": str(port),
+        "OPSBOT_HOST": "127.0.0.1",
+        "OPSBOT_LOG_FORMAT": "json",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "serve", env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with http.get(f"{base}/ready") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "opsbot serve never became ready"
+                await asyncio.sleep(0.1)
+            async with http.get(f"{base}/healthz") as resp:
+                assert resp.status == 200
+            body = fake_slack.slash_body("health all", user_id="U0ANY", response_url=fake_slack.response_url())
+            headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(secret, body)}
+            async with http.post(f"{base}/slack/events", data=body, headers=headers) as resp:
+                assert resp.status == 200
+            [post] = await fake_slack.wait_for("chat.postMessage", timeout=10)
+            assert "Health of all services" in post.params["text"]
+            async with http.get(f"{base}/metrics") as resp:
+                assert 'opsbot_commands_total{outcome="ok",verb="health"} 1.0' in await resp.text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"xoxb-serve-test-token" not in err
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert any(line.get("event") == "command_finished" and line.get("request_id") for line in lines)
