@@ -198,3 +198,55 @@ async def test_serve_answers_slack_over_http_and_stops_on_sigterm(
     assert b"xoxb-serve-test-token" not in err
     lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
     assert any(line.get("event") == "command_finished" and line.get("request_id") for line in lines)
+
+
+async def test_sigterm_lets_a_running_command_finish_and_answer(
+    tmp_path: Path, app_url: tuple[SampleAppState, str], fake_slack: FakeSlack
+) -> None:
+    state, url = app_url
+    state.delay = 1.5  # the probe is still at work when the bot is told to stop
+    port = free_port()
+    secret = "signing-secret-for-drain"
+    env = {
+        **os.environ,
+        "SLACK_BOT_TOKEN": "xoxb-drain-test-token",
+        "SLACK_SIGNING_SECRET": secret,
+        "OPSBOT_SLACK_API_URL": fake_slack.base_url,
+        "OPSBOT_CONFIG": str(write_inventory(tmp_path, url)),
+        "OPSBOT_STATE_DIR": str(tmp_path / "state"),
+        "OPSBOT_PORT": str(port),
+        "OPSBOT_HOST": "127.0.0.1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "serve", env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with http.get(f"{base}/ready") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        body = fake_slack.slash_body("health all", user_id="U0ANY", response_url=fake_slack.response_url())
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(secret, body)}
+        async with http.post(f"{base}/slack/events", data=body, headers=headers) as resp:
+            assert resp.status == 200
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    [post] = fake_slack.calls_to("chat.postMessage")
+    assert "Health of all services: healthy" in post.params["text"]
+    from services.state import open_state_store
+
+    store = await open_state_store(None, default_path=tmp_path / "state" / "state.sqlite3")
+    try:
+        [event] = await store.audit_events()
+    finally:
+        await store.close()
+    assert (event.command, event.outcome) == ("health", "ok")
