@@ -8,7 +8,7 @@ import sys
 from typing import TextIO
 
 from bot.container import Container
-from handlers.blocks import messages_for, render_text
+from handlers.blocks import messages_for, plain, render_text
 from handlers.context import Reply
 from services.health import Status
 from services.inventory import Role
@@ -53,7 +53,12 @@ class Console:
             text=text,
             deps=self.container.deps,
             interface="console",
+            progress=self._progress,
         )
+
+    async def _progress(self, text: str) -> None:
+        self.out.write(plain(text) + "\n")
+        self.out.flush()
 
     async def show(self, line: str) -> Reply:
         self.out.write(f"\n> /ops {line.strip().removeprefix('/ops').strip()}\n")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import structlog
 
 from services.access import RoleResolver
 from services.health import HealthProbe, InFlightProbes, ProbeObserver, Status, Target
@@ -14,7 +16,10 @@ from services.inventory import Inventory, LoadedInventory, Role
 from services.redaction import Redactor
 from services.state import StateStore
 
+log = structlog.get_logger(__name__)
+
 Block = dict[str, Any]
+Progress = Callable[[str], Awaitable[None]]
 CommandObserver = Callable[[str, str, float], None]
 
 
@@ -78,6 +83,16 @@ class OpsContext:
     roles: frozenset[Role]
     deps: Deps
     interface: str = "slack"
+    progress: Progress | None = None
+
+    async def tell(self, text: str) -> None:
+        """A short note to the caller alone while a slow command works (never fails the command)."""
+        if self.progress is None:
+            return
+        try:
+            await self.progress(text)
+        except Exception:
+            log.warning("progress_note_failed", exc_info=True)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 from collections import Counter
 
@@ -14,6 +15,9 @@ from services.access import Risk
 from services.errors import CommandError
 from services.health import ComponentHealth, HealthReport, Status, Target, check_health
 from services.inventory import Inventory
+
+# After this long without a report the caller is told the check is under way.
+PROGRESS_AFTER = 2.0
 
 
 class HealthArgs(CommandArgs):
@@ -47,14 +51,24 @@ def targets_for(inventory: Inventory, service: str) -> list[Target]:
 async def health(ctx: OpsContext, args: HealthArgs) -> Reply:
     inventory = ctx.deps.inventory
     scope = "all" if args.service.lower() == "all" else resolve_service(inventory, args.service)
-    report = await check_health(
-        targets_for(inventory, scope),
-        ctx.deps.probe_for,
-        deadline=inventory.health.deadline,
-        redactor=ctx.deps.redactor,
-        observe=ctx.deps.observe_probe,
-        in_flight=ctx.deps.in_flight,
+    targets = targets_for(inventory, scope)
+    check = asyncio.create_task(
+        check_health(
+            targets,
+            ctx.deps.probe_for,
+            deadline=inventory.health.deadline,
+            redactor=ctx.deps.redactor,
+            observe=ctx.deps.observe_probe,
+            in_flight=ctx.deps.in_flight,
+        )
     )
+    done, _ = await asyncio.wait({check}, timeout=PROGRESS_AFTER)
+    if not done:
+        await ctx.tell(
+            f":hourglass_flowing_sand: Checking {len(targets)} component(s) of {scope}… "
+            f"the report follows within {inventory.health.deadline:g} s."
+        )
+    report = await check
     return render_health(report, "all services" if scope == "all" else scope)
 
 

@@ -9,7 +9,7 @@ import uuid
 import structlog
 
 from handlers import blocks as bk
-from handlers.context import Deps, OpsContext, Reply
+from handlers.context import Deps, OpsContext, Progress, Reply
 from handlers.registry import Registry, Subcommand, clip_token, parse_args, tokenize
 from services.access import describe
 from services.errors import CommandError, PermissionDenied
@@ -62,6 +62,7 @@ class Router:
         deps: Deps,
         request_id: str | None = None,
         interface: str = "slack",
+        progress: Progress | None = None,
     ) -> Reply:
         request_id = request_id or new_request_id()
         started = time.perf_counter()
@@ -90,7 +91,7 @@ class Router:
                         )
                     args = parse_args(command, rest)
                     service = getattr(args, "service", None)
-                    ctx = OpsContext(user_id, channel_id, request_id, roles, deps, interface)
+                    ctx = OpsContext(user_id, channel_id, request_id, roles, deps, interface, progress)
                     log.info("command_started", args=args_text)
                     reply = await command.func(ctx, args)
             except CommandError as exc:

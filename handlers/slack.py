@@ -69,6 +69,10 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
         await ack()  # Slack wants an answer within 3 s; everything slow happens after this.
         request_id = new_request_id()
         channel_id = str(command.get("channel_id", ""))
+
+        async def progress(text: str) -> None:
+            await respond(text=text, response_type="ephemeral", replace_original=False)
+
         async with deps.running.track():
             reply = await router.dispatch(
                 user_id=str(command.get("user_id", "")),
@@ -76,6 +80,7 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
                 text=str(command.get("text", "")),
                 deps=deps,
                 request_id=request_id,
+                progress=progress,
             )
             try:
                 await deliver(client, respond, channel_id, reply)

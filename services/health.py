@@ -131,7 +131,7 @@ async def _probe_once(target: Target, probe: HealthProbe, redactor: Redactor) ->
         result.status,
         redactor.redact(result.detail),
         result.latency_ms,
-        result.facts,
+        redactor.redact_value(result.facts),
         tuple(Check(c.name, c.status, redactor.redact(c.detail)) for c in result.checks),
         result.waking,
     )

@@ -95,6 +95,12 @@ class RedisComponent(ComponentBase):
     memory_warning_pct: float = Field(80.0, gt=0, le=100)
     memory_critical_pct: float = Field(95.0, gt=0, le=100)
 
+    @model_validator(mode="after")
+    def _thresholds_in_order(self) -> RedisComponent:
+        if self.memory_warning_pct >= self.memory_critical_pct:
+            raise ValueError("memory_warning_pct must be below memory_critical_pct")
+        return self
+
 
 class MongoComponent(ComponentBase):
     type: Literal["mongodb"]
@@ -252,6 +258,18 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(out)
 
 
+def _secret_fields(value: Any) -> Iterator[SecretStr]:
+    """SecretStr values, also inside dicts and lists (HTTP headers)."""
+    if isinstance(value, SecretStr):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _secret_fields(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _secret_fields(item)
+
+
 def secrets_in(value: str) -> set[str]:
     """The secret parts of a configured value: the whole value, and a URL's password if any."""
     found = {value} if value else set()
@@ -301,13 +319,12 @@ def parse_inventory(text: str, source: str, env: Mapping[str, str] | None = None
     if problems or inventory is None:
         raise InventoryError(source, problems)
     secrets: set[str] = set()
-    for value in used:
-        secrets |= secrets_in(value)
+    for expanded_value in used:
+        secrets |= secrets_in(expanded_value)
     for _, _, component in inventory.components():
         for field in type(component).model_fields:
-            value = getattr(component, field)
-            if isinstance(value, SecretStr):
-                secrets |= secrets_in(value.get_secret_value())
+            for secret in _secret_fields(getattr(component, field)):
+                secrets |= secrets_in(secret.get_secret_value())
     return LoadedInventory(inventory=inventory, source=source, secrets=frozenset(secrets))
 
 

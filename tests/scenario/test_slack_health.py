@@ -15,6 +15,7 @@ from slack_bolt.kwargs_injection.async_args import AsyncArgs
 
 from bot.app import build_bolt_app
 from bot.sample_app import SampleAppState, start_sample_app
+from tests.fixtures.servers import PostgresServer
 from tests.fixtures.slack import FakeSlack, sign
 from tests.scenario.harness import BOT_TOKEN, SIGNING_SECRET, Bot, inventory, running_bot
 
@@ -54,11 +55,21 @@ def shop_db(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(params=["sqlite", "postgres"])
 async def bot(
-    fake_slack: FakeSlack, tmp_path: Path, sample_app: tuple[SampleAppState, str], shop_db: Path
+    request: pytest.FixtureRequest,
+    fake_slack: FakeSlack,
+    tmp_path: Path,
+    sample_app: tuple[SampleAppState, str],
+    shop_db: Path,
 ) -> AsyncIterator[Bot]:
-    async with running_bot(fake_slack, tmp_path, inventory(shop_inventory(sample_app[1], shop_db))) as bot:
+    """The app with its state in SQLite, and again in PostgreSQL: the same scenarios pass on both."""
+    state = {}
+    if request.param == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        state["OPSBOT_STATE_URL"] = server.dsn(await server.create_database())
+    async with running_bot(fake_slack, tmp_path, inventory(shop_inventory(sample_app[1], shop_db)), **state) as bot:
+        assert bot.container.store.kind == request.param
         yield bot
 
 
@@ -282,3 +293,16 @@ def test_every_listener_parameter_is_a_bolt_argument(bot: Bot) -> None:
     handler = app._async_listener_runner.listener_error_handler
     error_params = set(inspect.signature(handler.func).parameters)  # type: ignore[attr-defined]
     assert error_params and error_params <= valid | {"error"}
+
+
+async def test_a_slow_check_tells_the_caller_it_is_under_way(
+    bot: Bot, fake_slack: FakeSlack, sample_app: tuple[SampleAppState, str]
+) -> None:
+    sample_app[0].delay = 2.5
+    await bot.command("health shop", user=VIEWER)
+    [note] = await fake_slack.wait_for("response_url/default", timeout=5)
+    assert note.params["response_type"] == "ephemeral"
+    assert "Checking 2 component(s) of shop" in note.params["text"]
+    assert fake_slack.calls_to("chat.postMessage") == []  # the report itself is still on its way
+    [post] = await fake_slack.wait_for("chat.postMessage", timeout=10)
+    assert "Health of shop" in post.params["text"]

@@ -82,3 +82,15 @@ def test_variables_with_defaults_and_missing_file() -> None:
 )
 def test_broken_files_get_one_line_each(text: str, expected: str) -> None:
     assert any(expected in p for p in problems_of(text))
+
+
+def test_header_secrets_typed_into_the_file_are_known_and_thresholds_checked() -> None:
+    text = """
+services:
+  s:
+    components:
+      api: {type: http, url: "http://h", headers: {Authorization: "Bearer typed-in-token-9"}}
+"""
+    assert "Bearer typed-in-token-9" in parse_inventory(text, "t", {}).secrets
+    bad = 'services: {s: {components: {r: {type: redis, url: "redis://h", memory_warning_pct: 95}}}}'
+    assert problems_of(bad) == ["services.s.components.r: memory_warning_pct must be below memory_critical_pct"]
