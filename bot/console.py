@@ -60,8 +60,9 @@ class Console:
         self.out.write(plain(text) + "\n")
         self.out.flush()
 
-    async def show(self, line: str) -> Reply:
-        self.out.write(f"\n> /ops {line.strip().removeprefix('/ops').strip()}\n")
+    async def show(self, line: str, *, echo: bool = True) -> Reply:
+        if echo:
+            self.out.write(f"\n> /ops {line.strip().removeprefix('/ops').strip()}\n")
         reply = await self.execute(line)
         self.out.write(render_reply(reply) + "\n")
         self.out.flush()
@@ -70,17 +71,24 @@ class Console:
     async def loop(self, stdin: TextIO = sys.stdin) -> None:
         who = f"{self.user} ({getpass.getuser()} on this host)" if self.user == LOCAL_USER else self.user
         self.out.write(f"opsbot console as {who}. Type `/ops help`, or `quit`.\n")
+        interactive = stdin.isatty()
+        if interactive:
+            import readline  # noqa: F401  (line editing and history for input())
         while True:
-            self.out.write("ops> ")
-            self.out.flush()
-            line = await asyncio.to_thread(stdin.readline)
-            if not line:
-                self.out.write("\n")
-                return
+            if interactive:
+                try:
+                    line = await asyncio.to_thread(input, "ops> ")
+                except EOFError:
+                    self.out.write("\n")
+                    return
+            else:
+                line = await asyncio.to_thread(stdin.readline)
+                if not line:
+                    return
             if line.strip() in ("quit", "exit", ":q"):
                 return
             if line.strip():
-                await self.show(line)
+                await self.show(line, echo=not interactive)
 
 
 def exit_code(reply: Reply) -> int:
