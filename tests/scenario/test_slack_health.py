@@ -296,13 +296,17 @@ def test_every_listener_parameter_is_a_bolt_argument(bot: Bot) -> None:
 
 
 async def test_a_slow_check_tells_the_caller_it_is_under_way(
-    bot: Bot, fake_slack: FakeSlack, sample_app: tuple[SampleAppState, str]
+    fake_slack: FakeSlack, tmp_path: Path, sample_app: tuple[SampleAppState, str]
 ) -> None:
-    sample_app[0].delay = 2.5
-    await bot.command("health shop", user=VIEWER)
-    [note] = await fake_slack.wait_for("response_url/default", timeout=5)
-    assert note.params["response_type"] == "ephemeral"
-    assert "Checking 2 component(s) of shop" in note.params["text"]
-    assert fake_slack.calls_to("chat.postMessage") == []  # the report itself is still on its way
-    [post] = await fake_slack.wait_for("chat.postMessage", timeout=10)
+    state, url = sample_app
+    state.delay = 3.0  # slower than the 2 s after which the caller hears from the bot
+    api = f'{{type: http, url: "{url}", timeout: 5}}'
+    text = f'roles: {{viewer: ["*"]}}\nservices: {{shop: {{components: {{api: {api}}}}}}}'
+    async with running_bot(fake_slack, tmp_path, inventory(text)) as bot:
+        await bot.command("health shop", user=VIEWER)
+        [note] = await fake_slack.wait_for("response_url/default", timeout=5)
+        assert note.params["response_type"] == "ephemeral"
+        assert "Checking 1 component(s) of shop" in note.params["text"]
+        assert fake_slack.calls_to("chat.postMessage") == []  # the report itself is still on its way
+        [post] = await fake_slack.wait_for("chat.postMessage", timeout=10)
     assert "Health of shop" in post.params["text"]
