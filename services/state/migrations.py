@@ -1,0 +1,152 @@
+"""The state schema as an ordered list of migrations, each written for SQLite and for PostgreSQL.
+
+A migration is never edited once released: a later change to the schema is a new entry at the
+end (approvals, runs, backup catalog, alert state, schedule leases…). Each store applies, in
+one transaction under a cross-process lock, every migration above the version it finds in
+``schema_version``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Dialect = Literal["sqlite", "postgres"]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema; ``sqlite`` and ``postgres`` are statements run in order."""
+
+    version: int
+    name: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+    def statements(self, dialect: Dialect) -> tuple[str, ...]:
+        """The statements of this step for one database."""
+        return self.sqlite if dialect == "sqlite" else self.postgres
+
+
+SCHEMA_VERSION_TABLE = {
+    "sqlite": (
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY,"
+        " name TEXT NOT NULL,"
+        " applied_at TEXT NOT NULL)"
+    ),
+    "postgres": (
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version integer PRIMARY KEY,"
+        " name text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    ),
+}
+
+_AUDIT_V1 = Migration(
+    version=1,
+    name="audit log with hash chain",
+    sqlite=(
+        """
+        CREATE TABLE audit_events (
+            seq INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            command TEXT NOT NULL,
+            args TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            duration_ms REAL NOT NULL,
+            service TEXT,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL UNIQUE,
+            hash TEXT NOT NULL UNIQUE
+        )
+        """,
+        "CREATE INDEX audit_events_service ON audit_events (service, seq)",
+        "CREATE INDEX audit_events_actor ON audit_events (actor, seq)",
+        # The head row is what writers lock and advance; it also lets verify notice a cut-off tail.
+        # It starts at GENESIS_HASH (written out: a released migration never changes).
+        """
+        CREATE TABLE audit_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,
+            hash TEXT NOT NULL
+        )
+        """,
+        "INSERT INTO audit_head (id, seq, hash)"
+        " VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000')",
+        """
+        CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
+        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END
+        """,
+        """
+        CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
+        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END
+        """,
+    ),
+    postgres=(
+        """
+        CREATE TABLE audit_events (
+            seq bigint PRIMARY KEY,
+            ts timestamptz NOT NULL,
+            request_id text NOT NULL,
+            actor text NOT NULL,
+            command text NOT NULL,
+            args text NOT NULL,
+            channel text NOT NULL,
+            outcome text NOT NULL,
+            duration_ms double precision NOT NULL,
+            service text,
+            detail text NOT NULL,
+            prev_hash text NOT NULL UNIQUE,
+            hash text NOT NULL UNIQUE
+        )
+        """,
+        "CREATE INDEX audit_events_service ON audit_events (service, seq)",
+        "CREATE INDEX audit_events_actor ON audit_events (actor, seq)",
+        """
+        CREATE TABLE audit_head (
+            id smallint PRIMARY KEY CHECK (id = 1),
+            seq bigint NOT NULL,
+            hash text NOT NULL
+        )
+        """,
+        "INSERT INTO audit_head (id, seq, hash)"
+        " VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000')",
+        """
+        CREATE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'audit_events is append-only';
+        END
+        $$
+        """,
+        """
+        CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON audit_events
+        FOR EACH ROW EXECUTE FUNCTION audit_events_append_only()
+        """,
+        """
+        CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
+        FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only()
+        """,
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1,)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def pending(current: int) -> tuple[Migration, ...]:
+    """The migrations to apply, in order, to a database at version ``current``."""
+    return tuple(m for m in MIGRATIONS if m.version > current)
+
+
+def _check(migrations: tuple[Migration, ...]) -> None:
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(migrations) + 1)):
+        raise RuntimeError(f"migration versions must run 1, 2, 3… without gaps; got {versions}")
+
+
+_check(MIGRATIONS)

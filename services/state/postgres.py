@@ -1,0 +1,191 @@
+"""State in PostgreSQL (when OPSBOT_STATE_URL is a postgres DSN), so several replicas can share it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from services.state import migrations
+from services.state.base import AUDIT_BATCH_SIZE, AuditEvent, AuditRecord, seal, verify_chain
+
+_COLUMNS = "seq, ts, request_id, actor, command, args, channel, outcome, duration_ms, service, detail, prev_hash, hash"
+
+# pg_advisory_xact_lock key held while migrating ("opsbotmg"); advisory locks are per database.
+MIGRATION_LOCK_KEY = int.from_bytes(b"opsbotmg", "big")
+
+
+def _event(row: Mapping[str, Any]) -> AuditEvent:
+    ts: datetime = row["ts"]
+    return AuditEvent(
+        request_id=row["request_id"],
+        actor=row["actor"],
+        command=row["command"],
+        args=row["args"],
+        channel=row["channel"],
+        outcome=row["outcome"],
+        duration_ms=float(row["duration_ms"]),
+        service=row["service"],
+        detail=row["detail"],
+        seq=int(row["seq"]),
+        ts=ts.astimezone(UTC),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )
+
+
+class PostgresStateStore:
+    """The state store on PostgreSQL, through an asyncpg pool.
+
+    Writers serialize on the single ``audit_head`` row (``SELECT … FOR UPDATE``), so appends from
+    any number of coroutines, pools or replicas form one chain.
+    """
+
+    kind = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool, *, close_timeout: float) -> None:
+        self._pool = pool
+        self._close_timeout = close_timeout
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> PostgresStateStore:
+        """Connect a pool to ``dsn`` and migrate the database."""
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=command_timeout,
+            timeout=connect_timeout,
+            server_settings={"application_name": "opsbot"},
+        )
+        store = cls(pool, close_timeout=command_timeout)
+        try:
+            await store._migrate()
+        except BaseException:
+            pool.terminate()
+            raise
+        return store
+
+    async def _migrate(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Held to the end of the transaction: a second process starting now waits, then finds
+            # the work done. Taken before CREATE TABLE IF NOT EXISTS, which races on its own.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute(migrations.SCHEMA_VERSION_TABLE["postgres"])
+            current = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+            for migration in migrations.pending(current):
+                for statement in migration.statements("postgres"):
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, name) VALUES ($1, $2)", migration.version, migration.name
+                )
+
+    async def schema_version(self) -> int:
+        """The highest migration applied to the database."""
+        return int(await self._pool.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+
+    async def ping(self) -> None:
+        """Raise if the database cannot answer ``SELECT 1``."""
+        await self._pool.fetchval("SELECT 1")
+
+    async def append_audit(self, record: AuditRecord) -> AuditEvent:
+        """Append one event to the hash chain, atomically with respect to other writers."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            head = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+            if head is None:
+                raise RuntimeError("audit_head row is missing: the state database was damaged")
+            # The timestamp is taken under the lock, so ts never goes backwards along the chain
+            # (within one clock).
+            event = seal(record, seq=int(head["seq"]) + 1, ts=datetime.now(UTC), prev_hash=str(head["hash"]))
+            await conn.execute(
+                f"INSERT INTO audit_events ({_COLUMNS})"  # noqa: S608
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                event.seq,
+                event.ts,
+                event.request_id,
+                event.actor,
+                event.command,
+                event.args,
+                event.channel,
+                event.outcome,
+                event.duration_ms,
+                event.service,
+                event.detail,
+                event.prev_hash,
+                event.hash,
+            )
+            await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", event.seq, event.hash)
+        return event
+
+    async def audit_events(
+        self, *, service: str | None = None, actor: str | None = None, limit: int = 50
+    ) -> list[AuditEvent]:
+        """The newest ``limit`` events, optionally only those of one service and/or one actor."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if service is not None:
+            params.append(service)
+            where.append(f"service = ${len(params)}")
+        if actor is not None:
+            params.append(actor)
+            where.append(f"actor = ${len(params)}")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        params.append(limit)
+        query = f"SELECT {_COLUMNS} FROM audit_events {clause} ORDER BY seq DESC LIMIT ${len(params)}"  # noqa: S608
+        rows = await self._pool.fetch(query, *params)
+        return [_event(row) for row in rows]
+
+    async def iter_audit(self, *, batch_size: int = AUDIT_BATCH_SIZE) -> AsyncIterator[AuditEvent]:
+        """Every event up to the head at the start, oldest first, fetched ``batch_size`` rows at a time."""
+        last_seq = int(await self._pool.fetchval("SELECT seq FROM audit_head WHERE id = 1") or 0)
+        after = 0
+        while after < last_seq:
+            # No connection is held between batches: the consumer may be slow, or append.
+            rows = await self._pool.fetch(
+                f"SELECT {_COLUMNS} FROM audit_events WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",  # noqa: S608
+                after,
+                last_seq,
+                batch_size,
+            )
+            if not rows:
+                return
+            for row in rows:
+                event = _event(row)
+                after = event.seq
+                yield event
+
+    async def verify_audit(self) -> int | None:
+        """None if the hash chain is intact, else the seq of the first broken link."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            # One snapshot for the head and every row; a server-side cursor streams the rows.
+            head = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1")
+            head_seq, head_hash = (int(head["seq"]), str(head["hash"])) if head else (0, "")
+
+            async def events() -> AsyncGenerator[AuditEvent, None]:
+                query = f"SELECT {_COLUMNS} FROM audit_events ORDER BY seq"  # noqa: S608
+                async for row in conn.cursor(query, prefetch=AUDIT_BATCH_SIZE):
+                    yield _event(row)
+
+            async with contextlib.aclosing(events()) as rows:
+                return await verify_chain(rows, head_seq=head_seq, head_hash=head_hash)
+
+    async def close(self) -> None:
+        """Close the pool, waiting a bounded time for connections in use."""
+        try:
+            await asyncio.wait_for(self._pool.close(), self._close_timeout)
+        except TimeoutError:
+            self._pool.terminate()

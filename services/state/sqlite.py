@@ -1,0 +1,250 @@
+"""State in one SQLite file (the default): WAL mode, one writer connection, BEGIN IMMEDIATE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from services.state import migrations
+from services.state.base import AUDIT_BATCH_SIZE, AuditEvent, AuditRecord, seal, verify_chain
+
+_COLUMNS = "seq, ts, request_id, actor, command, args, channel, outcome, duration_ms, service, detail, prev_hash, hash"
+
+
+def _event(row: Iterable[Any]) -> AuditEvent:
+    seq, ts, request_id, actor, command, args, channel, outcome, duration_ms, service, detail, prev, hash_ = row
+    return AuditEvent(
+        request_id=request_id,
+        actor=actor,
+        command=command,
+        args=args,
+        channel=channel,
+        outcome=outcome,
+        duration_ms=float(duration_ms),
+        service=service,
+        detail=detail,
+        seq=int(seq),
+        ts=datetime.fromisoformat(ts),
+        prev_hash=prev,
+        hash=hash_,
+    )
+
+
+async def _first(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    """The first row of a query, or None. Rows are fetched (and the cursor freed) on the connection's thread."""
+    rows = list(await conn.execute_fetchall(sql, params))
+    return rows[0] if rows else None
+
+
+async def _connect(path: Path, busy_timeout: float) -> aiosqlite.Connection:
+    # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
+    conn = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout)
+    try:
+        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+class SqliteStateStore:
+    """The state store on a local SQLite file.
+
+    One connection serves the whole process, guarded by an asyncio lock so that coroutines never
+    interleave inside a transaction; BEGIN IMMEDIATE (with busy_timeout) serializes writers across
+    processes sharing the file.
+    """
+
+    kind = "sqlite"
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path, busy_timeout: float) -> None:
+        self._conn = conn
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, busy_timeout: float = 10.0) -> SqliteStateStore:
+        """Open (creating the file and its parent directories) and migrate the database at ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await _connect(path, busy_timeout)
+        store = cls(conn, path, busy_timeout)
+        try:
+            await store._enable_wal()
+            await store._migrate()
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction, taken with BEGIN IMMEDIATE so the file's write lock is held from the start."""
+        async with self._lock:
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+                yield self._conn
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                # Queued behind whatever ran before it, so it also undoes a BEGIN whose await was cancelled.
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await self._conn.execute("ROLLBACK")
+                raise
+
+    async def _enable_wal(self) -> None:
+        # Switching a file to WAL needs an exclusive lock, and when another process is opening the
+        # same fresh file SQLite may answer "database is locked" without waiting on busy_timeout;
+        # so retry here, within the same time budget. Once set, WAL is a property of the file.
+        deadline = asyncio.get_running_loop().time() + self._busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                async with self._lock:
+                    rows = list(await self._conn.execute_fetchall("PRAGMA journal_mode = WAL"))
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        mode = str(rows[0][0]).lower() if rows else None
+        if mode != "wal":
+            raise RuntimeError(f"SQLite at {self._path} refused WAL mode (journal_mode={mode})")
+
+    async def _migrate(self) -> None:
+        async with self._write() as conn:
+            await conn.execute(migrations.SCHEMA_VERSION_TABLE["sqlite"])
+            row = await _first(conn, "SELECT coalesce(max(version), 0) FROM schema_version")
+            current = int(row[0]) if row else 0
+            for migration in migrations.pending(current):
+                for statement in migration.statements("sqlite"):
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, datetime.now(UTC).isoformat()),
+                )
+
+    async def schema_version(self) -> int:
+        """The highest migration applied to the database."""
+        async with self._lock:
+            row = await _first(self._conn, "SELECT coalesce(max(version), 0) FROM schema_version")
+        return int(row[0]) if row else 0
+
+    async def ping(self) -> None:
+        """Raise if the database cannot answer ``SELECT 1``."""
+        async with self._lock:
+            await _first(self._conn, "SELECT 1")
+
+    async def append_audit(self, record: AuditRecord) -> AuditEvent:
+        """Append one event to the hash chain, atomically with respect to other writers."""
+        async with self._write() as conn:
+            head = await _first(conn, "SELECT seq, hash FROM audit_head WHERE id = 1")
+            if head is None:
+                raise RuntimeError("audit_head row is missing: the state database was damaged")
+            seq, prev_hash = int(head[0]) + 1, str(head[1])
+            ts = datetime.now(UTC)
+            event = seal(record, seq=seq, ts=ts, prev_hash=prev_hash)
+            await conn.execute(
+                f"INSERT INTO audit_events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (
+                    event.seq,
+                    ts.isoformat(),
+                    event.request_id,
+                    event.actor,
+                    event.command,
+                    event.args,
+                    event.channel,
+                    event.outcome,
+                    event.duration_ms,
+                    event.service,
+                    event.detail,
+                    event.prev_hash,
+                    event.hash,
+                ),
+            )
+            await conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (event.seq, event.hash))
+        return event
+
+    async def audit_events(
+        self, *, service: str | None = None, actor: str | None = None, limit: int = 50
+    ) -> list[AuditEvent]:
+        """The newest ``limit`` events, optionally only those of one service and/or one actor."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if service is not None:
+            where.append("service = ?")
+            params.append(service)
+        if actor is not None:
+            where.append("actor = ?")
+            params.append(actor)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        query = f"SELECT {_COLUMNS} FROM audit_events {clause} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(query, (*params, limit))
+        return [_event(row) for row in rows]
+
+    async def iter_audit(self, *, batch_size: int = AUDIT_BATCH_SIZE) -> AsyncIterator[AuditEvent]:
+        """Every event up to the head at the start, oldest first, fetched ``batch_size`` rows at a time."""
+        async with self._lock:
+            head = await _first(self._conn, "SELECT seq FROM audit_head WHERE id = 1")
+        last_seq = int(head[0]) if head else 0
+        after = 0
+        while after < last_seq:
+            # The lock is held per batch only: the consumer may append (or take its time) between batches.
+            async with self._lock:
+                rows = list(
+                    await self._conn.execute_fetchall(
+                        f"SELECT {_COLUMNS} FROM audit_events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",  # noqa: S608
+                        (after, last_seq, batch_size),
+                    )
+                )
+            if not rows:
+                return
+            for row in rows:
+                event = _event(row)
+                after = event.seq
+                yield event
+
+    async def verify_audit(self) -> int | None:
+        """None if the hash chain is intact, else the seq of the first broken link."""
+        # A connection of its own, in one read transaction: a consistent WAL snapshot that neither
+        # blocks writers nor holds the store's lock while every hash is recomputed.
+        conn = await _connect(self._path, self._busy_timeout)
+        try:
+            await conn.execute("BEGIN")
+            head = await _first(conn, "SELECT seq, hash FROM audit_head WHERE id = 1")
+            head_seq, head_hash = (int(head[0]), str(head[1])) if head else (0, "")
+
+            async def events() -> AsyncGenerator[AuditEvent, None]:
+                cursor = await conn.execute(f"SELECT {_COLUMNS} FROM audit_events ORDER BY seq")  # noqa: S608
+                while batch := list(await cursor.fetchmany(AUDIT_BATCH_SIZE)):
+                    for row in batch:
+                        yield _event(row)
+
+            async with contextlib.aclosing(events()) as rows:
+                return await verify_chain(rows, head_seq=head_seq, head_hash=head_hash)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            await conn.close()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        async with self._lock:
+            await self._conn.close()
