@@ -52,6 +52,30 @@ def chain_hash(prev_hash: str, record: AuditRecord, ts: datetime) -> str:
     return hashlib.sha256(f"{prev_hash}\n{payload}".encode()).hexdigest()
 
 
+AUDIT_COLUMNS = (
+    "seq, ts, request_id, actor, command, args, channel, outcome, duration_ms, service, detail, prev_hash, hash"
+)
+
+
+def audit_row(event: AuditEvent, ts: object) -> tuple[object, ...]:
+    """An event's values in ``AUDIT_COLUMNS`` order; ``ts`` as the database wants it stored."""
+    return (
+        event.seq,
+        ts,
+        event.request_id,
+        event.actor,
+        event.command,
+        event.args,
+        event.channel,
+        event.outcome,
+        event.duration_ms,
+        event.service,
+        event.detail,
+        event.prev_hash,
+        event.hash,
+    )
+
+
 def seal(record: AuditRecord, *, seq: int, ts: datetime, prev_hash: str) -> AuditEvent:
     """The event that stores ``record`` as link ``seq`` of the chain, after ``prev_hash``, at ``ts``."""
     fields = {f.name: getattr(record, f.name) for f in dataclass_fields(AuditRecord)}

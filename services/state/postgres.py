@@ -11,9 +11,17 @@ from typing import Any
 import asyncpg
 
 from services.state import migrations
-from services.state.base import AUDIT_BATCH_SIZE, AuditEvent, AuditRecord, seal, verify_chain
+from services.state.base import (
+    AUDIT_BATCH_SIZE,
+    AUDIT_COLUMNS,
+    AuditEvent,
+    AuditRecord,
+    audit_row,
+    seal,
+    verify_chain,
+)
 
-_COLUMNS = "seq, ts, request_id, actor, command, args, channel, outcome, duration_ms, service, detail, prev_hash, hash"
+_COLUMNS = AUDIT_COLUMNS
 
 # pg_advisory_xact_lock key held while migrating ("opsbotmg"); advisory locks are per database.
 MIGRATION_LOCK_KEY = int.from_bytes(b"opsbotmg", "big")
@@ -112,19 +120,7 @@ class PostgresStateStore:
             await conn.execute(
                 f"INSERT INTO audit_events ({_COLUMNS})"  # noqa: S608
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                event.seq,
-                event.ts,
-                event.request_id,
-                event.actor,
-                event.command,
-                event.args,
-                event.channel,
-                event.outcome,
-                event.duration_ms,
-                event.service,
-                event.detail,
-                event.prev_hash,
-                event.hash,
+                *audit_row(event, event.ts),
             )
             await conn.execute("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", event.seq, event.hash)
         return event

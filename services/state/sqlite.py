@@ -13,9 +13,17 @@ from typing import Any
 import aiosqlite
 
 from services.state import migrations
-from services.state.base import AUDIT_BATCH_SIZE, AuditEvent, AuditRecord, seal, verify_chain
+from services.state.base import (
+    AUDIT_BATCH_SIZE,
+    AUDIT_COLUMNS,
+    AuditEvent,
+    AuditRecord,
+    audit_row,
+    seal,
+    verify_chain,
+)
 
-_COLUMNS = "seq, ts, request_id, actor, command, args, channel, outcome, duration_ms, service, detail, prev_hash, hash"
+_COLUMNS = AUDIT_COLUMNS
 
 
 def _event(row: Iterable[Any]) -> AuditEvent:
@@ -160,21 +168,7 @@ class SqliteStateStore:
             event = seal(record, seq=seq, ts=ts, prev_hash=prev_hash)
             await conn.execute(
                 f"INSERT INTO audit_events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (
-                    event.seq,
-                    ts.isoformat(),
-                    event.request_id,
-                    event.actor,
-                    event.command,
-                    event.args,
-                    event.channel,
-                    event.outcome,
-                    event.duration_ms,
-                    event.service,
-                    event.detail,
-                    event.prev_hash,
-                    event.hash,
-                ),
+                audit_row(event, ts.isoformat()),
             )
             await conn.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (event.seq, event.hash))
         return event

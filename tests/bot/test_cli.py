@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import aiohttp
 import pytest
 
 from bot.sample_app import SampleAppState, start_sample_app
+from services.state import open_state_store
 from tests.fixtures.servers import free_port
 from tests.fixtures.slack import FakeSlack, sign
 
@@ -147,29 +149,15 @@ async def test_console_reads_commands_as_a_chosen_user(tmp_path: Path, app_url: 
     assert "needs the viewer role; you are not in any opsbot role" in out
 
 
-async def test_serve_answers_slack_over_http_and_stops_on_sigterm(
-    tmp_path: Path, app_url: tuple[SampleAppState, str], fake_slack: FakeSlack
-) -> None:
-    _, url = app_url
-    port = free_port()
-    secret = "signing-secret-for-serve"
-    env = {
-        **os.environ,
-        "SLACK_BOT_TOKEN": "xoxb-serve-test-token",
-        "SLACK_SIGNING_SECRET": secret,
-        "OPSBOT_SLACK_API_URL": fake_slack.base_url,
-        "OPSBOT_CONFIG": str(write_inventory(tmp_path, url)),
-        "OPSBOT_STATE_DIR": str(tmp_path / "state"),
-        "OPSBOT_PORT": str(port),
-        "OPSBOT_HOST": "127.0.0.1",
-        "OPSBOT_LOG_FORMAT": "json",
-    }
+@contextlib.asynccontextmanager
+async def serving(env: dict[str, str], port: int) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`opsbot serve` as a real process, yielded once /ready answers 200; killed if still running after."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "serve", env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "bot.cli", "serve", env={**os.environ, **env}, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + 20
             while True:
@@ -181,22 +169,56 @@ async def test_serve_answers_slack_over_http_and_stops_on_sigterm(
                     pass
                 assert time.monotonic() < deadline, "opsbot serve never became ready"
                 await asyncio.sleep(0.1)
-            async with http.get(f"{base}/healthz") as resp:
-                assert resp.status == 200
-            body = fake_slack.slash_body("health all", user_id="U0ANY", response_url=fake_slack.response_url())
-            headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(secret, body)}
-            async with http.post(f"{base}/slack/events", data=body, headers=headers) as resp:
-                assert resp.status == 200
-            [post] = await fake_slack.wait_for("chat.postMessage", timeout=10)
-            assert "Health of all services" in post.params["text"]
-            async with http.get(f"{base}/metrics") as resp:
-                assert 'opsbot_commands_total{outcome="ok",verb="health"} 1.0' in await resp.text()
+        yield proc, base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0, err.decode()[-2000:]
-    assert b"xoxb-serve-test-token" not in err
-    lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def post_signed(base: str, secret: str, body: str) -> int:
+    headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(secret, body)}
+    async with aiohttp.ClientSession() as http, http.post(f"{base}/slack/events", data=body, headers=headers) as resp:
+        return resp.status
+
+
+async def stop(proc: asyncio.subprocess.Process) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    return err.decode()
+
+
+def serve_env(tmp_path: Path, url: str, fake_slack: FakeSlack, secret: str, port: int) -> dict[str, str]:
+    return {
+        "SLACK_BOT_TOKEN": "xoxb-serve-test-token",
+        "SLACK_SIGNING_SECRET": secret,
+        "OPSBOT_SLACK_API_URL": fake_slack.base_url,
+        "OPSBOT_CONFIG": str(write_inventory(tmp_path, url)),
+        "OPSBOT_STATE_DIR": str(tmp_path / "state"),
+        "OPSBOT_PORT": str(port),
+        "OPSBOT_HOST": "127.0.0.1",
+        "OPSBOT_LOG_FORMAT": "json",
+    }
+
+
+async def test_serve_answers_slack_over_http_and_stops_on_sigterm(
+    tmp_path: Path, app_url: tuple[SampleAppState, str], fake_slack: FakeSlack
+) -> None:
+    _, url = app_url
+    port, secret = free_port(), "signing-secret-for-serve"
+    async with serving(serve_env(tmp_path, url, fake_slack, secret, port), port) as (proc, base):
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/healthz") as resp:
+            assert resp.status == 200
+        body = fake_slack.slash_body("health all", user_id="U0ANY", response_url=fake_slack.response_url())
+        assert await post_signed(base, secret, body) == 200
+        [post] = await fake_slack.wait_for("chat.postMessage", timeout=10)
+        assert "Health of all services" in post.params["text"]
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as resp:
+            assert 'opsbot_commands_total{outcome="ok",verb="health"} 1.0' in await resp.text()
+        err = await stop(proc)
+    assert proc.returncode == 0, err[-2000:]
+    assert "xoxb-serve-test-token" not in err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any(line.get("event") == "command_finished" and line.get("request_id") for line in lines)
 
 
@@ -205,45 +227,14 @@ async def test_sigterm_lets_a_running_command_finish_and_answer(
 ) -> None:
     state, url = app_url
     state.delay = 1.5  # the probe is still at work when the bot is told to stop
-    port = free_port()
-    secret = "signing-secret-for-drain"
-    env = {
-        **os.environ,
-        "SLACK_BOT_TOKEN": "xoxb-drain-test-token",
-        "SLACK_SIGNING_SECRET": secret,
-        "OPSBOT_SLACK_API_URL": fake_slack.base_url,
-        "OPSBOT_CONFIG": str(write_inventory(tmp_path, url)),
-        "OPSBOT_STATE_DIR": str(tmp_path / "state"),
-        "OPSBOT_PORT": str(port),
-        "OPSBOT_HOST": "127.0.0.1",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "serve", env=env, cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                async with http.get(f"{base}/ready") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                pass
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+    port, secret = free_port(), "signing-secret-for-drain"
+    async with serving(serve_env(tmp_path, url, fake_slack, secret, port), port) as (proc, base):
         body = fake_slack.slash_body("health all", user_id="U0ANY", response_url=fake_slack.response_url())
-        headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(secret, body)}
-        async with http.post(f"{base}/slack/events", data=body, headers=headers) as resp:
-            assert resp.status == 200
-    proc.send_signal(signal.SIGTERM)
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()[-2000:]
+        assert await post_signed(base, secret, body) == 200
+        err = await stop(proc)
+    assert proc.returncode == 0, err[-2000:]
     [post] = fake_slack.calls_to("chat.postMessage")
     assert "Health of all services: healthy" in post.params["text"]
-    from services.state import open_state_store
-
     store = await open_state_store(None, default_path=tmp_path / "state" / "state.sqlite3")
     try:
         [event] = await store.audit_events()
