@@ -44,13 +44,17 @@ class Container:
     router: Router
 
 
-def slack_client(settings: Settings) -> AsyncWebClient | None:
-    """The Web API client, retrying on 429 and connection errors; None without a bot token."""
+def slack_client(settings: Settings, session: aiohttp.ClientSession) -> AsyncWebClient | None:
+    """The Web API client, retrying on 429 and connection errors; None without a bot token.
+
+    It reuses one aiohttp session (kept-alive connections) whose timeout bounds every call;
+    without one, slack_sdk would open a new session for each call."""
     if settings.slack_bot_token is None:
         return None
     return AsyncWebClient(
         token=settings.slack_bot_token.get_secret_value(),
         base_url=settings.slack_api_url,
+        session=session,
         timeout=SLACK_TIMEOUT,
         retry_handlers=[
             AsyncRateLimitErrorRetryHandler(max_retry_count=3),
@@ -85,9 +89,10 @@ async def build_container(
                 connector=aiohttp.TCPConnector(limit=200, limit_per_host=20),
             )
         )
-        slack = slack_client(settings)
-        if slack is not None:
-            stack.push_async_callback(slack.session.close) if slack.session else None
+        slack_session = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_TIMEOUT, connect=5))
+        )
+        slack = slack_client(settings, slack_session)
         roles = RoleResolver(
             loaded.inventory.roles,
             (lambda group: group_members(slack, group)) if slack is not None else None,
