@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
@@ -14,6 +15,8 @@ from handlers.context import Deps, Reply
 from handlers.router import Router, new_request_id
 
 log = structlog.get_logger(__name__)
+
+ACK_HEADSTART = 0.015  # seconds; one Bolt ack poll (10 ms) plus a little
 
 # chat.postMessage errors after which the reply still reaches the user through response_url.
 _FALLBACK_ERRORS = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
@@ -67,6 +70,9 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
         ack: AsyncAck, command: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond
     ) -> None:
         await ack()  # Slack wants an answer within 3 s; everything slow happens after this.
+        # Bolt notices the ack on its next 10 ms poll: let the 200 go out before this command's
+        # work competes with it (and with the acks of a burst of other commands).
+        await asyncio.sleep(ACK_HEADSTART)
         request_id = new_request_id()
         channel_id = str(command.get("channel_id", ""))
 
