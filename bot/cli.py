@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from bot.logging import configure_logging
 from bot.settings import Settings
-from services.errors import InventoryError
+from services.errors import InventoryError, StartupError
 from services.inventory import Role, inventory_schema, load_inventory
 from services.redaction import Redactor
 
@@ -97,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{exc.source}: {len(exc.problems)} problem(s) in the inventory", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        print(f"opsbot: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

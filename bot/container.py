@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -21,6 +24,8 @@ from handlers.context import Deps
 from handlers.router import Router
 from handlers.slack import group_members
 from services.access import RoleResolver
+from services.errors import StartupError
+from services.failures import network_problem, short_error
 from services.inventory import LoadedInventory, load_inventory
 from services.probes import build_health_probes
 from services.redaction import Redactor
@@ -63,6 +68,37 @@ def slack_client(settings: Settings, session: aiohttp.ClientSession) -> AsyncWeb
     )
 
 
+def _store_location(settings: Settings) -> str:
+    """Where the state lives, for messages: never the DSN's credentials."""
+    if settings.state_url is None:
+        return f"SQLite {settings.sqlite_path}"
+    url = settings.state_url.get_secret_value()
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme} {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+    except ValueError:
+        return "OPSBOT_STATE_URL"
+
+
+async def open_store(settings: Settings, redactor: Redactor, *, wait: float = 0.0) -> StateStore:
+    """Open (and migrate) the state store, retrying for up to ``wait`` seconds while it is down."""
+    url = settings.state_url.get_secret_value() if settings.state_url else None
+    deadline = time.monotonic() + wait
+    delay = 0.5
+    while True:
+        try:
+            return await open_state_store(url, default_path=settings.sqlite_path)
+        except ValueError as exc:  # a URL we cannot use: waiting will not help
+            raise StartupError(f"OPSBOT_STATE_URL: {redactor.redact(str(exc))}") from None
+        except Exception as exc:
+            reason = network_problem(exc) or short_error(exc, redactor)
+            if time.monotonic() + delay > deadline:
+                raise StartupError(f"cannot open the state store ({_store_location(settings)}): {reason}") from None
+            log.warning("state_store_unavailable", location=_store_location(settings), reason=reason, retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 @contextlib.asynccontextmanager
 async def build_container(
     settings: Settings,
@@ -70,6 +106,7 @@ async def build_container(
     redactor: Redactor | None = None,
     inventory: LoadedInventory | None = None,
     metrics: Metrics | None = None,
+    store_wait: float = 0.0,
 ) -> AsyncIterator[Container]:
     """Load the inventory, open the state store and HTTP session; close them all on exit."""
     redactor = redactor or Redactor()
@@ -78,10 +115,7 @@ async def build_container(
     redactor.add(loaded.secrets)
     metrics = metrics or Metrics()
     async with contextlib.AsyncExitStack() as stack:
-        store = await open_state_store(
-            settings.state_url.get_secret_value() if settings.state_url else None,
-            default_path=settings.sqlite_path,
-        )
+        store = await open_store(settings, redactor, wait=store_wait)
         stack.push_async_callback(store.close)
         http = await stack.enter_async_context(
             aiohttp.ClientSession(

@@ -21,6 +21,8 @@ from services.redaction import Redactor
 
 log = structlog.get_logger(__name__)
 
+# How long `serve` waits for a state database that is not up yet (compose, k8s start order).
+STORE_WAIT = 60.0
 # Longest a shutdown waits for commands at work (probes are bounded by the health deadline).
 DRAIN_TIMEOUT = 30.0
 
@@ -65,38 +67,59 @@ async def serve(
     site = web.TCPSite(runner, settings.host, listen_port)
     await site.start()
     log.info("listening", host=settings.host, port=listen_port, mode="socket" if socket_mode else "http")
+    bot = asyncio.create_task(_run(settings, redactor, runtime, site, stop, socket_mode))
+    stopping = asyncio.create_task(stop.wait())
     try:
-        async with build_container(settings, redactor=redactor, metrics=metrics) as container:
-            readiness.add("state_store", _store_answers(container))
-            bolt = build_bolt_app(container)
-            # Everything built so far lives as long as the process: keep the cyclic GC from
-            # rescanning it (full collections over the libraries' objects stall acks ~100 ms).
-            gc.collect()
-            gc.freeze()
-            if socket_mode:
-                app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else ""
-                handler = AsyncSocketModeHandler(bolt, app_token, web_client=container.slack)
-
-                async def connected() -> str | None:
-                    return None if await handler.client.is_connected() else "Socket Mode not connected"
-
-                readiness.add("socket", connected)
-                await handler.connect_async()  # type: ignore[no-untyped-call]
-                runtime.bolt = bolt
-                try:
-                    await stop.wait()
-                finally:
-                    await handler.close_async()  # type: ignore[no-untyped-call]
-            else:
-                runtime.bolt = bolt
-                await stop.wait()
-            await site.stop()  # no new requests; let the ones at work finish and answer
-            try:
-                async with asyncio.timeout(DRAIN_TIMEOUT):
-                    await container.deps.running.idle()
-            except TimeoutError:
-                log.warning("shutdown_with_commands_running", running=container.deps.running.count)
+        await asyncio.wait({bot, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if runtime.bolt is None and not bot.done():
+            bot.cancel()  # told to stop while still waiting for the state store: nothing to drain
+        with contextlib.suppress(asyncio.CancelledError):
+            await bot
     finally:
+        stopping.cancel()
         log.info("shutting_down")
         await runner.cleanup()
     return 0
+
+
+async def _run(
+    settings: Settings,
+    redactor: Redactor,
+    runtime: Runtime,
+    site: web.TCPSite,
+    stop: asyncio.Event,
+    socket_mode: bool,
+) -> None:
+    """Build the container, serve Slack until ``stop``, then let running commands finish."""
+    async with build_container(
+        settings, redactor=redactor, metrics=runtime.metrics, store_wait=STORE_WAIT
+    ) as container:
+        runtime.readiness.add("state_store", _store_answers(container))
+        bolt = build_bolt_app(container)
+        # Everything built so far lives as long as the process: keep the cyclic GC from
+        # rescanning it (full collections over the libraries' objects stall acks ~100 ms).
+        gc.collect()
+        gc.freeze()
+        if socket_mode:
+            app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else ""
+            handler = AsyncSocketModeHandler(bolt, app_token, web_client=container.slack)
+
+            async def connected() -> str | None:
+                return None if await handler.client.is_connected() else "Socket Mode not connected"
+
+            runtime.readiness.add("socket", connected)
+            await handler.connect_async()  # type: ignore[no-untyped-call]
+            runtime.bolt = bolt
+            try:
+                await stop.wait()
+            finally:
+                await handler.close_async()  # type: ignore[no-untyped-call]
+        else:
+            runtime.bolt = bolt
+            await stop.wait()
+        await site.stop()  # no new requests; let the ones at work finish and answer
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await container.deps.running.idle()
+        except TimeoutError:
+            log.warning("shutdown_with_commands_running", running=container.deps.running.count)

@@ -26,3 +26,7 @@ class InventoryError(Exception):
         super().__init__(f"{source}: {len(problems)} problem(s)")
         self.source = source
         self.problems = problems
+
+
+class StartupError(Exception):
+    """The bot cannot start (state store unreachable, bad URL): one sentence, no traceback."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
+from services.failures import network_problem, short_error
 from services.inventory import Component
 from services.redaction import Redactor
 
@@ -92,12 +93,6 @@ class HealthReport:
 ProbeObserver = Callable[[str, float, Status], None]
 
 
-def _error_line(exc: BaseException, redactor: Redactor) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    name = type(exc).__name__
-    return redactor.redact(f"{name}: {text}"[:300] if text else name)
-
-
 async def _run_one(
     target: Target, probe: HealthProbe, redactor: Redactor, observe: ProbeObserver | None
 ) -> ProbeResult:
@@ -117,7 +112,7 @@ async def _probe_once(target: Target, probe: HealthProbe, redactor: Redactor) ->
         return ProbeResult(Status.CRITICAL, f"no answer within {target.spec.timeout:g} s", elapsed)
     except Exception as exc:  # a broken adapter must not take the whole report down
         elapsed = (time.perf_counter() - started) * 1000
-        return ProbeResult(Status.CRITICAL, _error_line(exc, redactor), elapsed)
+        return ProbeResult(Status.CRITICAL, network_problem(exc) or short_error(exc, redactor, 300), elapsed)
     if not result.latency_ms:
         result = ProbeResult(
             result.status,

@@ -241,3 +241,53 @@ async def test_sigterm_lets_a_running_command_finish_and_answer(
     finally:
         await store.close()
     assert (event.command, event.outcome) == ("health", "ok")
+
+
+async def test_serve_waits_for_a_state_database_that_is_not_up_and_stops_when_told(
+    tmp_path: Path, fake_slack: FakeSlack
+) -> None:
+    port, closed = free_port(), free_port()
+    env = serve_env(tmp_path, "http://127.0.0.1:9", fake_slack, "s", port)
+    env["OPSBOT_STATE_URL"] = f"postgresql://opsbot:db-Pa55-word@127.0.0.1:{closed}/opsbot"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "serve", env={**os.environ, **env}, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with http.get(f"{base}/healthz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # a retry or two
+        async with http.get(f"{base}/ready") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["problems"] == {"startup": "inventory and state store not loaded yet"}
+    started = time.monotonic()
+    err = await stop(proc)
+    assert proc.returncode == 0 and time.monotonic() - started < 5
+    warnings = [json.loads(line) for line in err.splitlines() if '"state_store_unavailable"' in line]
+    assert warnings and warnings[0]["reason"] == "connection refused"
+    assert f"127.0.0.1:{closed}/opsbot" in warnings[0]["location"]
+    assert "db-Pa55-word" not in err and "Traceback" not in err
+
+
+async def test_run_with_an_unreachable_state_store_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {
+        "OPSBOT_CONFIG": str(write_inventory(tmp_path, "http://127.0.0.1:9")),
+        "OPSBOT_STATE_URL": f"postgresql://opsbot:db-Pa55-word@127.0.0.1:{free_port()}/opsbot",
+    }
+    code, out, err = await opsbot("run", "health all", env=env)
+    assert code == 1
+    assert err.strip().startswith("opsbot: cannot open the state store (postgresql 127.0.0.1:")
+    assert err.strip().endswith(": connection refused")
+    assert "db-Pa55-word" not in err + out and "Traceback" not in err
+    env["OPSBOT_STATE_URL"] = "mysql://opsbot:db-Pa55-word@db/opsbot"
+    code, _, err = await opsbot("run", "health all", env=env)
+    assert code == 1 and "unsupported state store URL" in err and "db-Pa55-word" not in err
