@@ -70,16 +70,16 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
         ack: AsyncAck, command: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond
     ) -> None:
         await ack()  # Slack wants an answer within 3 s; everything slow happens after this.
-        # Bolt notices the ack on its next 10 ms poll: let the 200 go out before this command's
-        # work competes with it (and with the acks of a burst of other commands).
-        await asyncio.sleep(ACK_HEADSTART)
         request_id = new_request_id()
         channel_id = str(command.get("channel_id", ""))
 
         async def progress(text: str) -> None:
             await respond(text=text, response_type="ephemeral", replace_original=False)
 
-        async with deps.running.track():
+        async with deps.running.track():  # from the ack on, a shutdown waits for this command
+            # Bolt notices the ack on its next 10 ms poll: let the 200 go out before this command's
+            # work competes with it (and with the acks of a burst of other commands).
+            await asyncio.sleep(ACK_HEADSTART)
             reply = await router.dispatch(
                 user_id=str(command.get("user_id", "")),
                 channel_id=channel_id,
