@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from slack_bolt.async_app import AsyncApp
 
@@ -22,5 +24,13 @@ def build_bolt_app(container: Container) -> AsyncApp:
         # Acks go back as soon as a listener calls ack(); the work continues afterwards.
         process_before_response=False,
     )
+    metrics = container.metrics
+
+    @app.middleware
+    async def count_requests(body: dict[str, Any], next: Callable[[], Awaitable[None]]) -> None:
+        # Runs after Bolt has verified the signature: counts what Slack really sent.
+        metrics.count_slack_request("command" if "command" in body else str(body.get("type", "other")))
+        await next()
+
     register(app, container.router, container.deps)
     return app

@@ -106,6 +106,7 @@ async def test_health_of_one_service_and_metrics(bot: Bot, fake_slack: FakeSlack
     assert status == 200
     assert 'opsbot_commands_total{outcome="ok",verb="health"} 1.0' in body
     assert "opsbot_probe_seconds_bucket" in body and 'component_type="sqlite"' in body
+    assert 'opsbot_slack_requests_total{kind="command"} 1.0' in body
 
 
 @pytest.mark.parametrize(
@@ -127,6 +128,7 @@ async def test_unsigned_or_stale_requests_get_401_and_run_nothing(
     await asyncio.sleep(0.3)
     assert fake_slack.calls_to("chat.postMessage") == []
     assert await bot.container.store.audit_events() == []
+    assert 'opsbot_slack_requests_total{kind="command"}' not in (await bot.get("/metrics"))[1]
 
 
 async def test_unknown_verb_suggests_the_closest(bot: Bot, fake_slack: FakeSlack) -> None:
