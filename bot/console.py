@@ -17,7 +17,15 @@ from services.inventory import Role
 EXIT_FOR_STATUS = {Status.HEALTHY: 0, Status.WARNING: 1, Status.CRITICAL: 2}
 EXIT_REFUSED = 3
 
-LOCAL_USER = "local"
+
+def local_user() -> str:
+    """The audit actor for the CLI's own user: ``local:<login name>``."""
+    try:
+        return f"local:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "local:unknown"
+
+
 CONSOLE_CHANNEL = "console"
 
 
@@ -37,12 +45,12 @@ class Console:
 
     def __init__(self, container: Container, user: str | None, out: TextIO = sys.stdout) -> None:
         self.container = container
-        self.user = user or LOCAL_USER
+        self.user = user or local_user()
         self.out = out
         if user is None:
             # Whoever runs the CLI on the bot's host already holds its config and secrets:
             # the local user is an admin. `--as U123` shows what that Slack user may do.
-            container.deps.roles.grant(LOCAL_USER, Role.ADMIN)
+            container.deps.roles.grant(self.user, Role.ADMIN)
 
     async def execute(self, line: str) -> Reply:
         text = line.strip()
@@ -69,7 +77,7 @@ class Console:
         return reply
 
     async def loop(self, stdin: TextIO = sys.stdin) -> None:
-        who = f"{self.user} ({getpass.getuser()} on this host)" if self.user == LOCAL_USER else self.user
+        who = f"{self.user} (an admin on this host)" if self.user.startswith("local:") else self.user
         self.out.write(f"opsbot console as {who}. Type `/ops help`, or `quit`.\n")
         interactive = stdin.isatty()
         if interactive:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import os
 import signal
@@ -99,6 +100,12 @@ async def test_run_exit_codes_follow_health(tmp_path: Path, app_url: tuple[Sampl
     code, out, err = await opsbot("run", "health all", env=env)
     assert code == 0, out + err
     assert "Health of all services: healthy" in out
+    store = await open_state_store(None, default_path=tmp_path / "state" / "state.sqlite3")
+    try:
+        [event] = await store.audit_events()
+    finally:
+        await store.close()
+    assert event.actor == f"local:{getpass.getuser()}" and event.channel == "console"
     state.components = {"db": "healthy", "llm": "degraded"}
     code, out, _ = await opsbot("run", "health all", env=env)
     assert code == 1 and "warning" in out
