@@ -298,3 +298,20 @@ async def test_run_with_an_unreachable_state_store_says_so_in_one_line(tmp_path:
     env["OPSBOT_STATE_URL"] = "mysql://opsbot:db-Pa55-word@db/opsbot"
     code, _, err = await opsbot("run", "health all", env=env)
     assert code == 1 and "unsupported state store URL" in err and "db-Pa55-word" not in err
+
+
+async def test_serve_with_a_broken_inventory_lists_problems_and_exits(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n  s:\n    components:\n      d: {type: postgres, dsn: '${MISSING_DSN}'}\n")
+    env = {
+        "SLACK_BOT_TOKEN": "xoxb-1",
+        "SLACK_SIGNING_SECRET": "s",
+        "OPSBOT_CONFIG": str(bad),
+        "OPSBOT_PORT": str(free_port()),
+        "OPSBOT_HOST": "127.0.0.1",
+        "OPSBOT_STATE_DIR": str(tmp_path),
+    }
+    code, _, err = await opsbot("serve", env=env)
+    assert code == 1
+    assert "services.s.components.d.dsn: missing env var MISSING_DSN" in err
+    assert "Traceback" not in err
