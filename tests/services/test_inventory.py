@@ -35,6 +35,11 @@ def test_the_example_inventory_is_valid_and_its_secrets_are_known() -> None:
         assert secret in loaded.secrets
 
 
+@pytest.mark.parametrize("example", sorted(EXAMPLE.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_example_is_valid(example: Path) -> None:
+    assert load_inventory(example, EXAMPLE_ENV).inventory.services
+
+
 def test_every_problem_is_listed_with_its_path() -> None:
     text = """
 roles: {viewer: ["not-an-id"]}
