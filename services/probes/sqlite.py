@@ -16,6 +16,12 @@ _PROBLEM_LINES = 3
 """quick_check lines quoted in the detail; the rest are counted."""
 
 
+# Share of the probe's timeout the check may use, so it ends with its own reason, not a bare timeout.
+_CHECK_SHARE = 0.9
+# SQLite calls the progress handler every this many virtual-machine steps.
+_PROGRESS_STEPS = 10_000
+
+
 @dataclass(frozen=True)
 class _Findings:
     size_bytes: int
@@ -26,11 +32,16 @@ class _Findings:
 
 
 def _inspect(path: Path, busy_timeout: float) -> _Findings:
-    """Runs in a worker thread. Opens read-only, so a missing file is never created."""
+    """Runs in a worker thread. Opens read-only, so a missing file is never created.
+
+    A thread cannot be cancelled, so SQLite itself interrupts the check at the deadline: a huge
+    database never keeps a worker busy after its probe has been reported."""
     size = path.stat().st_size
     wal = path.with_name(path.name + "-wal")
     wal_size = wal.stat().st_size if wal.exists() else 0
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout)
+    deadline = time.monotonic() + busy_timeout * _CHECK_SHARE
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout * _CHECK_SHARE)
+    conn.set_progress_handler(lambda: time.monotonic() > deadline, _PROGRESS_STEPS)
     try:
         rows = conn.execute("PRAGMA quick_check").fetchall()
         mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
@@ -57,7 +68,9 @@ class SqliteProbe:
             found = await asyncio.to_thread(_inspect, path, component.timeout)
         except sqlite3.DatabaseError as exc:
             text = str(exc)
-            if "not a database" in text:
+            if "interrupted" in text:
+                detail = f"quick_check did not finish within {component.timeout * _CHECK_SHARE:.2g} s"
+            elif "not a database" in text:
                 detail = f"not a valid SQLite database ({text}): {path}"
             elif "malformed" in text:
                 detail = f"database is corrupt ({text})"

@@ -399,3 +399,17 @@ async def test_sqlite_directory_is_not_a_database(tmp_path: Path) -> None:
 
     assert result.status == Status.CRITICAL
     assert result.detail.startswith("is a directory")
+
+
+async def test_sqlite_check_of_a_big_database_is_interrupted_at_its_deadline(tmp_path: Path) -> None:
+    path = tmp_path / "big.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b TEXT)")
+        db.execute("CREATE INDEX t_a ON t (a)")
+        db.executemany("INSERT INTO t (a, b) VALUES (?, ?)", ((f"{i:08d}" * 4, "x" * 200) for i in range(150_000)))
+    started = time.perf_counter()
+    result = await SqliteProbe().probe(SqliteComponent(type="sqlite", path=path, timeout=0.02))
+    elapsed = time.perf_counter() - started
+    assert result.status is Status.CRITICAL
+    assert result.detail == "quick_check did not finish within 0.018 s"
+    assert elapsed < 1.0  # the worker thread stopped; nothing kept checking in the background
