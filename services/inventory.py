@@ -258,6 +258,17 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(out)
 
 
+def _cross_checks(inventory: Inventory) -> list[str]:
+    """Problems no single field shows: settings that contradict each other."""
+    deadline = inventory.health.deadline
+    return [
+        f"services.{s}.components.{c}.timeout: {spec.timeout:g} s is longer than health.deadline "
+        f"({deadline:g} s), so /ops health would always cut it off"
+        for s, c, spec in inventory.components()
+        if spec.timeout > deadline
+    ]
+
+
 def _secret_fields(value: Any) -> Iterator[SecretStr]:
     """SecretStr values, also inside dicts and lists (HTTP headers)."""
     if isinstance(value, SecretStr):
@@ -316,6 +327,8 @@ def parse_inventory(text: str, source: str, env: Mapping[str, str] | None = None
             if any(p.startswith(path + ":") for p in problems):
                 continue  # already reported as a missing variable
             problems.append(f"{path}: {error['msg'].removeprefix('Value error, ')}")
+    if inventory is not None:
+        problems += _cross_checks(inventory)
     if problems or inventory is None:
         raise InventoryError(source, problems)
     secrets: set[str] = set()

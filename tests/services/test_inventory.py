@@ -99,3 +99,17 @@ services:
     assert "Bearer typed-in-token-9" in parse_inventory(text, "t", {}).secrets
     bad = 'services: {s: {components: {r: {type: redis, url: "redis://h", memory_warning_pct: 95}}}}'
     assert problems_of(bad) == ["services.s.components.r: memory_warning_pct must be below memory_critical_pct"]
+
+
+def test_a_component_timeout_longer_than_the_health_deadline_is_refused() -> None:
+    text = """
+health: {deadline: 10}
+services:
+  render-app:
+    components:
+      api: {type: http, url: "https://x.onrender.com", sleeps: true, timeout: 45}
+"""
+    assert problems_of(text) == [
+        "services.render-app.components.api.timeout: 45 s is longer than health.deadline (10 s), "
+        "so /ops health would always cut it off"
+    ]
