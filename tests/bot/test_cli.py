@@ -156,6 +156,21 @@ async def test_console_reads_commands_as_a_chosen_user(tmp_path: Path, app_url: 
     assert "needs the viewer role; you are not in any opsbot role" in out
 
 
+async def until_ok(url: str) -> None:
+    """Poll ``url`` until it answers 200 (20 s at most)."""
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"{url} never answered 200"
+            await asyncio.sleep(0.1)
+
+
 @contextlib.asynccontextmanager
 async def serving(env: dict[str, str], port: int) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`opsbot serve` as a real process, yielded once /ready answers 200; killed if still running after."""
@@ -165,17 +180,7 @@ async def serving(env: dict[str, str], port: int) -> AsyncIterator[tuple[asyncio
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with http.get(f"{base}/ready") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "opsbot serve never became ready"
-                await asyncio.sleep(0.1)
+        await until_ok(f"{base}/ready")
         yield proc, base
     finally:
         if proc.returncode is None:
@@ -261,21 +266,11 @@ async def test_serve_waits_for_a_state_database_that_is_not_up_and_stops_when_to
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                async with http.get(f"{base}/healthz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                pass
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.5)  # a retry or two
-        async with http.get(f"{base}/ready") as resp:
-            assert resp.status == 503
-            assert (await resp.json())["problems"] == {"startup": "inventory and state store not loaded yet"}
+    await until_ok(f"{base}/healthz")
+    await asyncio.sleep(1.5)  # a retry or two
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/ready") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["problems"] == {"startup": "inventory and state store not loaded yet"}
     started = time.monotonic()
     err = await stop(proc)
     assert proc.returncode == 0 and time.monotonic() - started < 5
