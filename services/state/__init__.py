@@ -1,10 +1,14 @@
-"""The bot's own state (audit log now; approvals, runs, catalogs later) in SQLite or PostgreSQL."""
+"""The bot's own state (audit log, approvals and their runs; catalogs later) in SQLite or PostgreSQL."""
 
 from services.state.base import (
     GENESIS_HASH,
+    Approval,
+    ApprovalState,
     AuditEvent,
     AuditRecord,
     StateStore,
+    Vote,
+    VoteResult,
     chain_hash,
     open_state_store,
 )
@@ -13,11 +17,15 @@ from services.state.sqlite import SqliteStateStore
 
 __all__ = [
     "GENESIS_HASH",
+    "Approval",
+    "ApprovalState",
     "AuditEvent",
     "AuditRecord",
     "PostgresStateStore",
     "SqliteStateStore",
     "StateStore",
+    "Vote",
+    "VoteResult",
     "chain_hash",
     "open_state_store",
 ]

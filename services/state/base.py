@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Collection
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
-from datetime import datetime
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 GENESIS_HASH = "0" * 64
 
@@ -109,6 +110,161 @@ async def verify_chain(events: AsyncIterable[AuditEvent], *, head_seq: int, head
     return None
 
 
+class ApprovalState(StrEnum):
+    """Where an approval is in its life: ``pending → approved | denied | expired | cancelled``,
+    then ``running → succeeded | failed | interrupted``."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def final(self) -> bool:
+        """Nothing more will happen to an approval in this state."""
+        return self not in (ApprovalState.PENDING, ApprovalState.APPROVED, ApprovalState.RUNNING)
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One approver's Approve click."""
+
+    voter: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A plan waiting for (or past) its approvers: what will happen, who asked, the policy, the outcome.
+
+    ``plan`` is the engine's JSON (details, parameters, the facts behind the fingerprint); the store
+    keeps it opaque.
+    """
+
+    id: str
+    action: str
+    service: str
+    risk: str
+    requester: str
+    channel: str
+    request_id: str
+    summary: str
+    plan: dict[str, Any]
+    approver_role: str
+    required_approvals: int
+    self_approve: bool
+    created_at: datetime
+    expires_at: datetime
+    state: ApprovalState = ApprovalState.PENDING
+    votes: tuple[Vote, ...] = ()
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: str = ""
+    message_channel: str | None = None
+    message_ts: str | None = None
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    """What an Approve click did: ``approval`` as it is now (None if no such id), whether the vote was
+    counted, and whether it was the vote that moved the approval to ``approved``."""
+
+    approval: Approval | None
+    counted: bool
+    completed: bool
+
+
+APPROVAL_COLUMNS = (
+    "id, action, service, risk, requester, channel, request_id, summary, plan, approver_role,"
+    " required_approvals, self_approve, created_at, expires_at, state, decided_by, decided_at,"
+    " started_at, finished_at, result, message_channel, message_ts, version"
+)
+
+
+def approval_row(approval: Approval, ts: Any) -> tuple[object, ...]:
+    """An approval's values in ``APPROVAL_COLUMNS`` order; ``ts`` converts datetimes for the database."""
+    return (
+        approval.id,
+        approval.action,
+        approval.service,
+        approval.risk,
+        approval.requester,
+        approval.channel,
+        approval.request_id,
+        approval.summary,
+        json.dumps(approval.plan, sort_keys=True, ensure_ascii=False),
+        approval.approver_role,
+        approval.required_approvals,
+        approval.self_approve,
+        ts(approval.created_at),
+        ts(approval.expires_at),
+        approval.state.value,
+        approval.decided_by,
+        ts(approval.decided_at),
+        ts(approval.started_at),
+        ts(approval.finished_at),
+        approval.result,
+        approval.message_channel,
+        approval.message_ts,
+        approval.version,
+    )
+
+
+def approval_from_row(row: Any, votes: tuple[Vote, ...], when: Any) -> Approval:
+    """An approval from a row in ``APPROVAL_COLUMNS`` order; ``when`` converts stored times back."""
+    (id_, action, service, risk, requester, channel, request_id, summary, plan, approver_role, required,
+     self_approve, created, expires, state, decided_by, decided_at, started, finished, result,
+     message_channel, message_ts, version) = tuple(row)  # fmt: skip
+    return Approval(
+        id=id_,
+        action=action,
+        service=service,
+        risk=risk,
+        requester=requester,
+        channel=channel,
+        request_id=request_id,
+        summary=summary,
+        plan=json.loads(plan),
+        approver_role=approver_role,
+        required_approvals=int(required),
+        self_approve=bool(self_approve),
+        created_at=when(created),
+        expires_at=when(expires),
+        state=ApprovalState(state),
+        votes=votes,
+        decided_by=decided_by,
+        decided_at=when(decided_at),
+        started_at=when(started),
+        finished_at=when(finished),
+        result=result,
+        message_channel=message_channel,
+        message_ts=message_ts,
+        version=int(version),
+    )
+
+
+def transition_columns(to: ApprovalState) -> tuple[str, str | None]:
+    """The time column a transition to ``to`` stamps, and the column that records who did it."""
+    if to in (ApprovalState.APPROVED, ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.CANCELLED):
+        return "decided_at", "decided_by"
+    if to is ApprovalState.RUNNING:
+        return "started_at", None
+    return "finished_at", None
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (naive ones are taken to be UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class StateStore(Protocol):
     """The bot's state. Implementations: SQLite (default) and PostgreSQL."""
 
@@ -133,6 +289,40 @@ class StateStore(Protocol):
 
     async def verify_audit(self) -> int | None:
         """None if the hash chain is intact, else the seq of the first broken link."""
+
+    async def create_approval(self, approval: Approval) -> None:
+        """Store a new approval; raise ``KeyError`` if its id is taken."""
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        """The approval with this id, with its votes, or None."""
+
+    async def list_approvals(self, states: Collection[ApprovalState], *, limit: int = 100) -> list[Approval]:
+        """Approvals in any of ``states``, newest first."""
+
+    async def transition_approval(
+        self,
+        approval_id: str,
+        from_states: Collection[ApprovalState],
+        to: ApprovalState,
+        *,
+        at: datetime,
+        by: str | None = None,
+        result: str | None = None,
+    ) -> Approval | None:
+        """Compare-and-set: move the approval to ``to`` only if it is in one of ``from_states``.
+
+        Returns the updated approval, or None when it was not in ``from_states`` (or does not exist).
+        """
+
+    async def vote_approval(self, approval_id: str, voter: str, *, at: datetime) -> VoteResult:
+        """Atomically count ``voter``'s Approve on a pending, unexpired approval; the vote that reaches
+        ``required_approvals`` moves it to ``approved``. A second vote by the same voter is not counted."""
+
+    async def expire_approvals(self, *, at: datetime) -> list[Approval]:
+        """Move every pending approval whose expiry is at or before ``at`` to ``expired``; return them."""
+
+    async def attach_approval_message(self, approval_id: str, channel: str, ts: str) -> None:
+        """Remember the Slack message that shows the approval, so later transitions can edit it."""
 
     async def close(self) -> None:
         """Release connections; the store is unusable afterwards."""

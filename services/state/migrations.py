@@ -133,7 +133,89 @@ _AUDIT_V1 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1,)
+_APPROVALS_V2 = Migration(
+    version=2,
+    name="approvals and their votes",
+    sqlite=(
+        # Times are stored as fixed-width ISO 8601 UTC text, so text comparison is time order.
+        """
+        CREATE TABLE approvals (
+            id TEXT PRIMARY KEY,
+            action TEXT NOT NULL,
+            service TEXT NOT NULL,
+            risk TEXT NOT NULL,
+            requester TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            summary TEXT NOT NULL,
+            plan TEXT NOT NULL,
+            approver_role TEXT NOT NULL,
+            required_approvals INTEGER NOT NULL CHECK (required_approvals >= 1),
+            self_approve INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            state TEXT NOT NULL,
+            decided_by TEXT,
+            decided_at TEXT,
+            started_at TEXT,
+            finished_at TEXT,
+            result TEXT NOT NULL DEFAULT '',
+            message_channel TEXT,
+            message_ts TEXT,
+            version INTEGER NOT NULL DEFAULT 1
+        )
+        """,
+        "CREATE INDEX approvals_state ON approvals (state, expires_at)",
+        """
+        CREATE TABLE approval_votes (
+            approval_id TEXT NOT NULL REFERENCES approvals (id),
+            voter TEXT NOT NULL,
+            voted_at TEXT NOT NULL,
+            PRIMARY KEY (approval_id, voter)
+        )
+        """,
+    ),
+    postgres=(
+        """
+        CREATE TABLE approvals (
+            id text PRIMARY KEY,
+            action text NOT NULL,
+            service text NOT NULL,
+            risk text NOT NULL,
+            requester text NOT NULL,
+            channel text NOT NULL,
+            request_id text NOT NULL,
+            summary text NOT NULL,
+            plan text NOT NULL,
+            approver_role text NOT NULL,
+            required_approvals integer NOT NULL CHECK (required_approvals >= 1),
+            self_approve boolean NOT NULL,
+            created_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            state text NOT NULL,
+            decided_by text,
+            decided_at timestamptz,
+            started_at timestamptz,
+            finished_at timestamptz,
+            result text NOT NULL DEFAULT '',
+            message_channel text,
+            message_ts text,
+            version integer NOT NULL DEFAULT 1
+        )
+        """,
+        "CREATE INDEX approvals_state ON approvals (state, expires_at)",
+        """
+        CREATE TABLE approval_votes (
+            approval_id text NOT NULL REFERENCES approvals (id),
+            voter text NOT NULL,
+            voted_at timestamptz NOT NULL,
+            PRIMARY KEY (approval_id, voter)
+        )
+        """,
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1, _APPROVALS_V2)
 
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,12 +12,21 @@ import asyncpg
 
 from services.state import migrations
 from services.state.base import (
+    APPROVAL_COLUMNS,
     AUDIT_BATCH_SIZE,
     AUDIT_COLUMNS,
+    Approval,
+    ApprovalState,
     AuditEvent,
     AuditRecord,
+    Vote,
+    VoteResult,
+    approval_from_row,
+    approval_row,
     audit_row,
     seal,
+    transition_columns,
+    utc,
     verify_chain,
 )
 
@@ -44,6 +53,25 @@ def _event(row: Mapping[str, Any]) -> AuditEvent:
         prev_hash=row["prev_hash"],
         hash=row["hash"],
     )
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _when(value: datetime | None) -> datetime | None:
+    return None if value is None else utc(value)
+
+
+async def _approval(conn: Any, approval_id: str, *, lock: bool = False) -> Approval | None:
+    query = f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1" + (" FOR UPDATE" if lock else "")  # noqa: S608
+    row = await conn.fetchrow(query, approval_id)
+    if row is None:
+        return None
+    votes = await conn.fetch(
+        "SELECT voter, voted_at FROM approval_votes WHERE approval_id = $1 ORDER BY voted_at, voter", approval_id
+    )
+    return approval_from_row(row.values(), tuple(Vote(v["voter"], utc(v["voted_at"])) for v in votes), _when)
 
 
 class PostgresStateStore:
@@ -178,6 +206,109 @@ class PostgresStateStore:
 
             async with contextlib.aclosing(events()) as rows:
                 return await verify_chain(rows, head_seq=head_seq, head_hash=head_hash)
+
+    async def create_approval(self, approval: Approval) -> None:
+        """Store a new approval; raise ``KeyError`` if its id is taken."""
+        marks = ", ".join(f"${n}" for n in range(1, len(APPROVAL_COLUMNS.split(",")) + 1))
+        try:
+            await self._pool.execute(
+                f"INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES ({marks})",  # noqa: S608
+                *approval_row(approval, _same),
+            )
+        except asyncpg.UniqueViolationError:
+            raise KeyError(approval.id) from None
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        """The approval with this id, with its votes, or None."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            return await _approval(conn, approval_id)
+
+    async def list_approvals(self, states: Collection[ApprovalState], *, limit: int = 100) -> list[Approval]:
+        """Approvals in any of ``states``, newest first."""
+        wanted = [ApprovalState(s).value for s in states]
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            ids = await conn.fetch(
+                "SELECT id FROM approvals WHERE state = ANY($1::text[]) ORDER BY created_at DESC, id LIMIT $2",
+                wanted,
+                limit,
+            )
+            found = [await _approval(conn, row["id"]) for row in ids]
+        return [a for a in found if a is not None]
+
+    async def transition_approval(
+        self,
+        approval_id: str,
+        from_states: Collection[ApprovalState],
+        to: ApprovalState,
+        *,
+        at: datetime,
+        by: str | None = None,
+        result: str | None = None,
+    ) -> Approval | None:
+        """Compare-and-set: move the approval to ``to`` only if it is in one of ``from_states``."""
+        allowed = [ApprovalState(s).value for s in from_states]
+        time_column, by_column = transition_columns(to)
+        params: list[Any] = [approval_id, allowed, to.value, at]
+        sets = ["state = $3", f"{time_column} = $4", "version = version + 1"]
+        if by_column is not None:
+            params.append(by)
+            sets.append(f"{by_column} = ${len(params)}")
+        if result is not None:
+            params.append(result)
+            sets.append(f"result = ${len(params)}")
+        async with self._pool.acquire() as conn, conn.transaction():
+            updated = await conn.fetchval(
+                f"UPDATE approvals SET {', '.join(sets)} WHERE id = $1 AND state = ANY($2::text[]) RETURNING id",  # noqa: S608
+                *params,
+            )
+            return None if updated is None else await _approval(conn, approval_id)
+
+    async def vote_approval(self, approval_id: str, voter: str, *, at: datetime) -> VoteResult:
+        """Atomically count ``voter``'s Approve on a pending, unexpired approval."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The row lock serializes votes on one approval across connections and replicas.
+            approval = await _approval(conn, approval_id, lock=True)
+            if approval is None or approval.state is not ApprovalState.PENDING or approval.expires_at <= at:
+                return VoteResult(approval, counted=False, completed=False)
+            inserted = await conn.fetchval(
+                "INSERT INTO approval_votes (approval_id, voter, voted_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING voter",
+                approval_id,
+                voter,
+                at,
+            )
+            if inserted is None:
+                return VoteResult(approval, counted=False, completed=False)
+            completed = len(approval.votes) + 1 >= approval.required_approvals
+            if completed:
+                await conn.execute(
+                    "UPDATE approvals SET state = $2, decided_at = $3, decided_by = $4, version = version + 1"
+                    " WHERE id = $1",
+                    approval_id,
+                    ApprovalState.APPROVED.value,
+                    at,
+                    voter,
+                )
+            return VoteResult(await _approval(conn, approval_id), counted=True, completed=completed)
+
+    async def expire_approvals(self, *, at: datetime) -> list[Approval]:
+        """Move every pending approval whose expiry is at or before ``at`` to ``expired``; return them."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            ids = await conn.fetch(
+                "UPDATE approvals SET state = $1, decided_at = $2, version = version + 1"
+                " WHERE state = $3 AND expires_at <= $2 RETURNING id",
+                ApprovalState.EXPIRED.value,
+                at,
+                ApprovalState.PENDING.value,
+            )
+            found = [await _approval(conn, row["id"]) for row in ids]
+        return [a for a in found if a is not None]
+
+    async def attach_approval_message(self, approval_id: str, channel: str, ts: str) -> None:
+        """Remember the Slack message that shows the approval."""
+        await self._pool.execute(
+            "UPDATE approvals SET message_channel = $2, message_ts = $3 WHERE id = $1", approval_id, channel, ts
+        )
 
     async def close(self) -> None:
         """Close the pool, waiting a bounded time for connections in use."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,21 @@ import aiosqlite
 
 from services.state import migrations
 from services.state.base import (
+    APPROVAL_COLUMNS,
     AUDIT_BATCH_SIZE,
     AUDIT_COLUMNS,
+    Approval,
+    ApprovalState,
     AuditEvent,
     AuditRecord,
+    Vote,
+    VoteResult,
+    approval_from_row,
+    approval_row,
     audit_row,
     seal,
+    transition_columns,
+    utc,
     verify_chain,
 )
 
@@ -43,6 +52,18 @@ def _event(row: Iterable[Any]) -> AuditEvent:
         prev_hash=prev,
         hash=hash_,
     )
+
+
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def _ts(value: datetime | None) -> str | None:
+    """Fixed-width UTC text: comparing two of them as text compares the times."""
+    return None if value is None else utc(value).strftime(_TIME_FORMAT)
+
+
+def _when(value: str | None) -> datetime | None:
+    return None if value is None else datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
 
 
 async def _first(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
@@ -237,6 +258,118 @@ class SqliteStateStore:
             with contextlib.suppress(sqlite3.Error):
                 await conn.execute("ROLLBACK")
             await conn.close()
+
+    async def create_approval(self, approval: Approval) -> None:
+        """Store a new approval; raise ``KeyError`` if its id is taken."""
+        placeholders = ", ".join("?" * len(APPROVAL_COLUMNS.split(",")))
+        try:
+            async with self._write() as conn:
+                await conn.execute(
+                    f"INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES ({placeholders})",  # noqa: S608
+                    approval_row(approval, _ts),
+                )
+        except sqlite3.IntegrityError:
+            raise KeyError(approval.id) from None
+
+    async def _approval(self, conn: aiosqlite.Connection, approval_id: str) -> Approval | None:
+        row = await _first(conn, f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,))  # noqa: S608
+        if row is None:
+            return None
+        votes = await conn.execute_fetchall(
+            "SELECT voter, voted_at FROM approval_votes WHERE approval_id = ? ORDER BY voted_at, voter", (approval_id,)
+        )
+        return approval_from_row(row, tuple(Vote(v, _when(t) or datetime.now(UTC)) for v, t in votes), _when)
+
+    async def get_approval(self, approval_id: str) -> Approval | None:
+        """The approval with this id, with its votes, or None."""
+        async with self._lock:
+            return await self._approval(self._conn, approval_id)
+
+    async def list_approvals(self, states: Collection[ApprovalState], *, limit: int = 100) -> list[Approval]:
+        """Approvals in any of ``states``, newest first."""
+        wanted = [ApprovalState(s).value for s in states]
+        if not wanted:
+            return []
+        marks = ", ".join("?" * len(wanted))
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(
+                f"SELECT id FROM approvals WHERE state IN ({marks}) ORDER BY created_at DESC, id LIMIT ?",  # noqa: S608
+                (*wanted, limit),
+            )
+            found = [await self._approval(self._conn, str(row[0])) for row in rows]
+        return [a for a in found if a is not None]
+
+    async def transition_approval(
+        self,
+        approval_id: str,
+        from_states: Collection[ApprovalState],
+        to: ApprovalState,
+        *,
+        at: datetime,
+        by: str | None = None,
+        result: str | None = None,
+    ) -> Approval | None:
+        """Compare-and-set: move the approval to ``to`` only if it is in one of ``from_states``."""
+        allowed = [ApprovalState(s).value for s in from_states]
+        if not allowed:
+            return None
+        time_column, by_column = transition_columns(to)
+        sets = ["state = ?", f"{time_column} = ?", "version = version + 1"]
+        params: list[Any] = [to.value, _ts(at)]
+        if by_column is not None:
+            sets.append(f"{by_column} = ?")
+            params.append(by)
+        if result is not None:
+            sets.append("result = ?")
+            params.append(result)
+        marks = ", ".join("?" * len(allowed))
+        async with self._write() as conn:
+            cursor = await conn.execute(
+                f"UPDATE approvals SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})",  # noqa: S608
+                (*params, approval_id, *allowed),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return await self._approval(conn, approval_id)
+
+    async def vote_approval(self, approval_id: str, voter: str, *, at: datetime) -> VoteResult:
+        """Atomically count ``voter``'s Approve on a pending, unexpired approval."""
+        async with self._write() as conn:
+            approval = await self._approval(conn, approval_id)
+            if approval is None or approval.state is not ApprovalState.PENDING or approval.expires_at <= at:
+                return VoteResult(approval, counted=False, completed=False)
+            cursor = await conn.execute(
+                "INSERT INTO approval_votes (approval_id, voter, voted_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (approval_id, voter, _ts(at)),
+            )
+            if cursor.rowcount != 1:
+                return VoteResult(approval, counted=False, completed=False)
+            completed = len(approval.votes) + 1 >= approval.required_approvals
+            if completed:
+                await conn.execute(
+                    "UPDATE approvals SET state = ?, decided_at = ?, decided_by = ?, version = version + 1"
+                    " WHERE id = ? AND state = ?",
+                    (ApprovalState.APPROVED.value, _ts(at), voter, approval_id, ApprovalState.PENDING.value),
+                )
+            return VoteResult(await self._approval(conn, approval_id), counted=True, completed=completed)
+
+    async def expire_approvals(self, *, at: datetime) -> list[Approval]:
+        """Move every pending approval whose expiry is at or before ``at`` to ``expired``; return them."""
+        async with self._write() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE approvals SET state = ?, decided_at = ?, version = version + 1"
+                " WHERE state = ? AND expires_at <= ? RETURNING id",
+                (ApprovalState.EXPIRED.value, _ts(at), ApprovalState.PENDING.value, _ts(at)),
+            )
+            found = [await self._approval(conn, str(row[0])) for row in rows]
+        return [a for a in found if a is not None]
+
+    async def attach_approval_message(self, approval_id: str, channel: str, ts: str) -> None:
+        """Remember the Slack message that shows the approval."""
+        async with self._write() as conn:
+            await conn.execute(
+                "UPDATE approvals SET message_channel = ?, message_ts = ? WHERE id = ?", (channel, ts, approval_id)
+            )
 
     async def close(self) -> None:
         """Close the connection."""
