@@ -21,12 +21,16 @@ from bot.metrics import Metrics
 from bot.settings import Settings
 from handlers.commands import load_registry
 from handlers.context import Deps
+from handlers.jobs import ResetStuckJobs
+from handlers.registry import Registry
 from handlers.router import Router
-from handlers.slack import group_members
+from handlers.slack import SlackNotifier, group_members
 from services.access import RoleResolver
-from services.errors import StartupError
+from services.approvals import ApprovalEngine
+from services.errors import InventoryError, StartupError
 from services.failures import network_problem, short_error
 from services.inventory import LoadedInventory, load_inventory
+from services.locks import ServiceLocks, open_locks
 from services.probes import build_health_probes
 from services.redaction import Redactor
 from services.state import StateStore, open_state_store
@@ -45,6 +49,7 @@ class Container:
     redactor: Redactor
     metrics: Metrics
     slack: AsyncWebClient | None
+    locks: ServiceLocks
     deps: Deps
     router: Router
 
@@ -99,6 +104,21 @@ async def open_store(settings: Settings, redactor: Redactor, *, wait: float = 0.
             delay = min(delay * 2, 5.0)
 
 
+def _check_approval_commands(registry: Registry, engine: ApprovalEngine, loaded: LoadedInventory) -> None:
+    """Every approval-gated command has the code that runs it; the policy names only real commands."""
+    gated = {c.verb for c in registry if c.risk.needs_approval}
+    missing = gated - set(engine.actions)
+    if missing:
+        raise RuntimeError(f"commands needing approval have no action registered: {sorted(missing)}")
+    unknown = sorted(set(loaded.inventory.approvals.commands) - gated)
+    if unknown:
+        problems = [
+            f"approvals.commands.{name}: not a command that needs approval (those are: {', '.join(sorted(gated))})"
+            for name in unknown
+        ]
+        raise InventoryError(loaded.source, problems)
+
+
 @contextlib.asynccontextmanager
 async def build_container(
     settings: Settings,
@@ -131,19 +151,34 @@ async def build_container(
             loaded.inventory.roles,
             (lambda group: group_members(slack, group)) if slack is not None else None,
         )
+        locks = await open_locks(settings.redis_url.get_secret_value() if settings.redis_url else None)
+        # Closed after the store's and sessions' callbacks are queued, so it runs first: runs have
+        # drained by then, and a clean exit hands its Redis locks back at once.
+        stack.push_async_callback(locks.close)
+        engine = ApprovalEngine(
+            store, locks, roles, loaded.inventory.approvals, redactor, timezone=loaded.inventory.timezone
+        )
+        engine.register("jobs reset-stuck", ResetStuckJobs(loaded.inventory, redactor))
+        registry = load_registry()
+        _check_approval_commands(registry, engine, loaded)
         deps = Deps(
             loaded=loaded,
             store=store,
             probes=build_health_probes(http),
             redactor=redactor,
             roles=roles,
+            approvals=engine,
             observe_probe=metrics.observe_probe,
             observe_command=metrics.observe_command,
         )
+        if slack is not None:
+            deps.notifier = SlackNotifier(slack, engine, loaded.inventory.ops_channel)
+        router = Router(registry)
         log.info(
             "container_ready",
             inventory=loaded.source,
             services=len(loaded.inventory.services),
             state=store.kind,
+            locks=locks.kind,
         )
-        yield Container(settings, loaded, store, http, redactor, metrics, slack, deps, Router(load_registry()))
+        yield Container(settings, loaded, store, http, redactor, metrics, slack, locks, deps, router)

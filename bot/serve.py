@@ -17,6 +17,7 @@ from bot.container import Container, build_container
 from bot.metrics import Metrics
 from bot.server import Readiness, ReadyCheck, Runtime, build_web_app
 from bot.settings import Settings
+from handlers.approvals import sweeper
 from services.redaction import Redactor
 
 log = structlog.get_logger(__name__)
@@ -25,6 +26,8 @@ log = structlog.get_logger(__name__)
 STORE_WAIT = 60.0
 # Longest a shutdown waits for commands at work (probes are bounded by the health deadline).
 DRAIN_TIMEOUT = 30.0
+# How often expired approvals and runs left behind by a dead process are looked for.
+SWEEP_EVERY = 10.0
 
 
 async def _started(runtime: Runtime) -> str | None:
@@ -96,6 +99,8 @@ async def _run(
     ) as container:
         runtime.readiness.add("state_store", _store_answers(container))
         bolt = build_bolt_app(container)
+        # The first sweep runs before Slack is served: runs a crash left `running` are reported now.
+        sweeping = asyncio.create_task(sweeper(container.deps, SWEEP_EVERY, stop), name="approval-sweeper")
         # Everything built so far lives as long as the process: keep the cyclic GC from
         # rescanning it (full collections over the libraries' objects stall acks ~100 ms).
         gc.collect()
@@ -123,3 +128,6 @@ async def _run(
                 await container.deps.running.idle()
         except TimeoutError:
             log.warning("shutdown_with_commands_running", running=container.deps.running.count)
+        sweeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeping

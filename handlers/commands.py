@@ -1,9 +1,9 @@
 """Imports every command module so that their ``@subcommand`` declarations are registered."""
 
-from handlers import health, help
+from handlers import approvals, audit, health, help, jobs
 from handlers.registry import Registry, registry
 
-__all__ = ["health", "help", "load_registry"]
+__all__ = ["approvals", "audit", "health", "help", "jobs", "load_registry"]
 
 
 def load_registry() -> Registry:

@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from services.access import RoleResolver
+from services.approvals import ApprovalEngine
 from services.health import HealthProbe, InFlightProbes, ProbeObserver, Status, Target
 from services.inventory import Inventory, LoadedInventory, Role
 from services.redaction import Redactor
-from services.state import StateStore
+from services.state import Approval, StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +52,32 @@ class RunningCommands:
         await self._idle.wait()
 
 
+class Notifier(Protocol):
+    """Where approvals are shown as they change (the Slack message; the console; nowhere)."""
+
+    async def show(self, approval: Approval, note: str | None = None) -> None:
+        """Bring the approval's message up to date (``note``: a progress line)."""
+
+    async def finished(self, approval: Approval) -> None:
+        """A run has ended: post its result (details in the message's thread)."""
+
+    async def announce(self, channel: str | None, text: str) -> None:
+        """Tell a channel something nobody asked about (an interrupted run)."""
+
+
+class SilentNotifier:
+    """Shows nothing: for interfaces without a place to show approvals."""
+
+    async def show(self, approval: Approval, note: str | None = None) -> None:
+        return None
+
+    async def finished(self, approval: Approval) -> None:
+        return None
+
+    async def announce(self, channel: str | None, text: str) -> None:
+        return None
+
+
 @dataclass
 class Deps:
     """Everything commands need, built once by bot/ and handed in."""
@@ -60,6 +87,8 @@ class Deps:
     probes: Mapping[str, HealthProbe]
     redactor: Redactor
     roles: RoleResolver
+    approvals: ApprovalEngine
+    notifier: Notifier = field(default_factory=SilentNotifier)
     observe_probe: ProbeObserver | None = None
     observe_command: CommandObserver | None = None
     in_flight: InFlightProbes = field(default_factory=InFlightProbes)
@@ -106,3 +135,4 @@ class Reply:
     ephemeral: bool = False
     status: Status | None = None
     outcome: str = "ok"
+    approval_id: str | None = None

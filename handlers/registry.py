@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from handlers.context import OpsContext, Reply
 from services.access import Risk
+from services.approvals import Plan
 from services.errors import CommandError
 
 MAX_TEXT = 500
@@ -31,7 +32,9 @@ class NoArgs(CommandArgs):
 
 
 A = TypeVar("A", bound=CommandArgs)
-CommandFunc = Callable[[OpsContext, Any], Awaitable[Reply]]
+R = TypeVar("R", Reply, Plan, Reply | Plan)
+# A command answers with a Reply; one that needs approval answers with the Plan it would carry out.
+CommandFunc = Callable[[OpsContext, Any], Awaitable[Reply | Plan]]
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ class Registry:
 
     def subcommand(
         self, verb: str, *, help: str, usage: str = "", risk: Risk, args: type[A]
-    ) -> Callable[[Callable[[OpsContext, A], Awaitable[Reply]]], Callable[[OpsContext, A], Awaitable[Reply]]]:
-        def register(func: Callable[[OpsContext, A], Awaitable[Reply]]) -> Callable[[OpsContext, A], Awaitable[Reply]]:
+    ) -> Callable[[Callable[[OpsContext, A], Awaitable[R]]], Callable[[OpsContext, A], Awaitable[R]]]:
+        def register(func: Callable[[OpsContext, A], Awaitable[R]]) -> Callable[[OpsContext, A], Awaitable[R]]:
             if verb in self._commands:
                 raise ValueError(f"/ops {verb} is declared twice")
             self._commands[verb] = Subcommand(verb, help, usage, risk, args, func)

@@ -9,9 +9,11 @@ import uuid
 import structlog
 
 from handlers import blocks as bk
+from handlers.approvals import approval_reply
 from handlers.context import Deps, OpsContext, Progress, Reply
 from handlers.registry import Registry, Subcommand, clip_token, parse_args, tokenize
 from services.access import describe
+from services.approvals import Plan
 from services.errors import CommandError, PermissionDenied
 from services.inventory import Role
 from services.state import AuditRecord
@@ -93,7 +95,21 @@ class Router:
                     service = getattr(args, "service", None)
                     ctx = OpsContext(user_id, channel_id, request_id, roles, deps, interface, progress)
                     log.info("command_started", args=args_text)
-                    reply = await command.func(ctx, args)
+                    result = await command.func(ctx, args)
+                    if isinstance(result, Plan):
+                        # A change waits for its approvers: store the plan and show it, with buttons.
+                        approval = await deps.approvals.request(
+                            result,
+                            risk=command.risk,
+                            requester=user_id,
+                            channel=channel_id,
+                            request_id=request_id,
+                            check_channel=interface == "slack",
+                        )
+                        reply = approval_reply(deps.approvals, approval, interface=interface)
+                        detail = f"approval {approval.id} pending"
+                    else:
+                        reply = result
             except CommandError as exc:
                 outcome, detail = exc.outcome, exc.message
                 log.info("command_refused", outcome=outcome, reason=deps.redactor.redact(exc.message))
@@ -108,6 +124,8 @@ class Router:
             reply.outcome = outcome
             if outcome == "ok" and reply.status is not None:
                 detail = f"status {reply.status.label}"
+            elif outcome == "ok" and reply.approval_id is not None:
+                outcome = "pending"
             await self._audit(deps, request_id, user_id, channel_id, verb, args_text, outcome, elapsed, service, detail)
             if deps.observe_command is not None:
                 deps.observe_command(verb, outcome, elapsed)

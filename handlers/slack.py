@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import structlog
@@ -10,9 +11,14 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from handlers import blocks as bk
+from handlers.approvals import ACTION_IDS, approval_blocks, approval_text, decide
 from handlers.blocks import OutMessage, messages_for
 from handlers.context import Deps, Reply
 from handlers.router import Router, new_request_id
+from services.approvals import ApprovalEngine
+from services.errors import CommandError
+from services.state import Approval, ApprovalState
 
 log = structlog.get_logger(__name__)
 
@@ -29,16 +35,17 @@ async def group_members(client: AsyncWebClient, group_id: str) -> frozenset[str]
     return frozenset(users)
 
 
-async def deliver(client: AsyncWebClient, respond: AsyncRespond, channel_id: str, reply: Reply) -> None:
+async def deliver(client: AsyncWebClient, respond: AsyncRespond, channel_id: str, reply: Reply) -> str | None:
     """Post a reply: ephemeral ones through response_url; public ones to the channel, overflow in
-    the thread. If the bot cannot post in the channel, the reply goes back through response_url."""
+    the thread. If the bot cannot post in the channel, the reply goes back through response_url.
+    Returns the ts of the channel message, when there is one."""
     messages = messages_for(reply)
     if reply.ephemeral:
         for message in messages:
             await respond(text=message.text, blocks=message.blocks, response_type="ephemeral", replace_original=False)
-        return
+        return None
     try:
-        await _post_threaded(client, channel_id, messages)
+        return await _post_threaded(client, channel_id, messages)
     except SlackApiError as exc:
         error = str(exc.response.get("error", ""))
         if error not in _FALLBACK_ERRORS:
@@ -46,9 +53,10 @@ async def deliver(client: AsyncWebClient, respond: AsyncRespond, channel_id: str
         log.info("post_fallback_to_response_url", error=error, channel=channel_id)
         for message in messages:
             await respond(text=message.text, blocks=message.blocks, response_type="in_channel", replace_original=False)
+        return None
 
 
-async def _post_threaded(client: AsyncWebClient, channel_id: str, messages: list[OutMessage]) -> None:
+async def _post_threaded(client: AsyncWebClient, channel_id: str, messages: list[OutMessage]) -> str | None:
     thread_ts: str | None = None
     for message in messages:
         response = await client.chat_postMessage(
@@ -60,6 +68,56 @@ async def _post_threaded(client: AsyncWebClient, channel_id: str, messages: list
         )
         if thread_ts is None:
             thread_ts = str(response["ts"])
+    return thread_ts
+
+
+class SlackNotifier:
+    """Keeps each approval's Slack message current: edits it, threads results, tells the channel."""
+
+    def __init__(self, client: AsyncWebClient, engine: ApprovalEngine, ops_channel: str | None) -> None:
+        self.client = client
+        self.engine = engine
+        self.ops_channel = ops_channel
+
+    async def show(self, approval: Approval, note: str | None = None) -> None:
+        if approval.message_channel is None or approval.message_ts is None:
+            return
+        try:
+            await self.client.chat_update(
+                channel=approval.message_channel,
+                ts=approval.message_ts,
+                text=approval_text(approval),
+                blocks=approval_blocks(self.engine, approval, note),
+            )
+        except Exception:
+            log.warning("approval_message_edit_failed", approval=approval.id, exc_info=True)
+
+    async def finished(self, approval: Approval) -> None:
+        if approval.message_channel is None or approval.message_ts is None or not approval.result:
+            return
+        loud = approval.state in (ApprovalState.FAILED, ApprovalState.INTERRUPTED)
+        lines = [bk.escape(line) for line in approval.result.splitlines()]
+        head = f"{':red_circle: ' if loud else ''}{lines[0]}"
+        try:
+            await self.client.chat_postMessage(
+                channel=approval.message_channel,
+                thread_ts=approval.message_ts,
+                text=bk.clip(approval.result, bk.MAX_FALLBACK_TEXT),
+                blocks=bk.sections([head, *lines[1:]])[: bk.MAX_BLOCKS],
+                reply_broadcast=loud,
+                unfurl_links=False,
+            )
+        except Exception:
+            log.warning("approval_result_post_failed", approval=approval.id, exc_info=True)
+
+    async def announce(self, channel: str | None, text: str) -> None:
+        target = self.ops_channel or channel
+        if not target or not re.fullmatch(r"[CG][A-Z0-9]{2,}", target):
+            return
+        try:
+            await self.client.chat_postMessage(channel=target, text=text, blocks=[bk.section(text)])
+        except Exception:
+            log.warning("announce_failed", channel=target, exc_info=True)
 
 
 def register(app: AsyncApp, router: Router, deps: Deps) -> None:
@@ -89,11 +147,68 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
                 progress=progress,
             )
             try:
-                await deliver(client, respond, channel_id, reply)
+                ts = await deliver(client, respond, channel_id, reply)
+                if ts is not None and reply.approval_id is not None:
+                    await deps.store.attach_approval_message(reply.approval_id, channel_id, ts)
             except Exception:
                 log.exception("reply_delivery_failed", request_id=request_id)
+
+    @app.action(re.compile("^(" + "|".join(ACTION_IDS) + ")$"))
+    async def approval_click(
+        ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], respond: AsyncRespond, request: Any
+    ) -> None:
+        await ack()
+        request_id = new_request_id()
+        retry = request.headers.get("x-slack-retry-num") if request is not None else None
+        async with deps.running.track():
+            await asyncio.sleep(ACK_HEADSTART)
+            await on_click(deps, body, action, respond, request_id, retry)
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> None:
         # Anything that escapes a listener is logged with its traceback; Slack never sees it.
         log.error("listener_error", exc_info=error, payload_type=str(body.get("type", body.get("command", ""))))
+
+
+async def on_click(
+    deps: Deps,
+    body: dict[str, Any],
+    action: dict[str, Any],
+    respond: AsyncRespond,
+    request_id: str,
+    retry: list[str] | str | None = None,
+) -> None:
+    """An Approve / Deny / Cancel click: the engine decides; the clicker alone hears why not."""
+    verb = str(action.get("action_id", "")).removeprefix("approval_")
+    approval_id = str(action.get("value", ""))[:64]
+    user = str((body.get("user") or {}).get("id", ""))
+    with structlog.contextvars.bound_contextvars(request_id=request_id, user=user, verb=f"click {verb}"):
+        if retry:
+            log.info("slack_retry_of_click", retry=retry, approval=approval_id)
+        try:
+            await _remember_message(deps, approval_id, body)
+            decision, _ = await decide(deps, verb, approval_id, user, request_id)
+            answer = decision.message
+        except CommandError as exc:
+            answer = deps.redactor.redact(exc.message)
+        except Exception:
+            log.exception("approval_click_failed", approval=approval_id)
+            answer = f"Sorry — that click failed (ref {request_id}). The details are in the bot's log."
+        try:
+            await respond(text=answer, response_type="ephemeral", replace_original=False)
+        except Exception:
+            log.warning("click_answer_failed", exc_info=True)
+
+
+async def _remember_message(deps: Deps, approval_id: str, body: dict[str, Any]) -> None:
+    """The click names the message it came from: keep it if the post's answer was lost."""
+    container = body.get("container") or {}
+    channel, ts = container.get("channel_id"), container.get("message_ts")
+    if not channel or not ts:
+        return
+    try:
+        approval = await deps.approvals.get(approval_id)
+    except CommandError:
+        return
+    if approval.message_ts is None:
+        await deps.store.attach_approval_message(approval.id, str(channel), str(ts))

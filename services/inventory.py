@@ -83,10 +83,32 @@ class PostgresComponent(ComponentBase):
 class JobsTable(_Model):
     """The jobs-table convention of runbook 003."""
 
-    table: str = Field("jobs", pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,62}$")
+    table: str = Field(
+        "jobs",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$",
+        description="Table name, optionally schema-qualified: jobs or ops.jobs.",
+    )
     status_column: str = Field("status", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     started_column: str = Field("started_at", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
     stuck_after_minutes: int = Field(60, gt=0)
+    id_column: str = Field(
+        "id", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", description="Primary-key column naming each job."
+    )
+    error_column: str | None = Field(
+        "error_message",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="Column given the reason when a stuck job is reset; null if the table has none.",
+    )
+    processing_value: str = Field(
+        "processing", min_length=1, max_length=64, description="Status of a job being worked on."
+    )
+    pending_value: str = Field("pending", min_length=1, max_length=64, description="Status a stuck job is reset to.")
+
+    @model_validator(mode="after")
+    def _distinct_statuses(self) -> JobsTable:
+        if self.processing_value == self.pending_value:
+            raise ValueError("processing_value and pending_value must differ")
+        return self
 
 
 class RedisComponent(ComponentBase):
@@ -192,6 +214,36 @@ class HealthSettings(_Model):
     deadline: float = Field(10.0, gt=0, le=300, description="Overall deadline of one /ops health.")
 
 
+ChannelId = Annotated[str, StringConstraints(pattern=r"^[CG][A-Z0-9]{2,}$")]
+
+
+class ApprovalRule(_Model):
+    """Approval policy for one risk level or one command; unset fields keep the broader setting."""
+
+    approver_role: Literal["approver", "admin"] | None = Field(None, description="Who may approve.")
+    self_approve: bool | None = Field(
+        None, description="May requesters approve their own request? Default: no for destructive, yes for change."
+    )
+    approvers: int | None = Field(None, ge=1, le=5, description="Distinct approvers needed (default 1, 2 if critical).")
+    critical: bool | None = Field(None, description="Critical commands need two approvers unless `approvers` says.")
+    expiry_minutes: int | None = Field(None, ge=1, le=1440, description="Minutes a request waits for approval.")
+
+
+class ApprovalSettings(_Model):
+    """Who approves what, how many, for how long, and where destructive commands may be asked for."""
+
+    expiry_minutes: int = Field(15, ge=1, le=1440, description="Default minutes a request waits for approval.")
+    channels: list[ChannelId] = Field(
+        default_factory=list, description="Channels where destructive commands may be requested (empty: any)."
+    )
+    risk: dict[Literal["change", "destructive"], ApprovalRule] = Field(
+        default_factory=dict, description="Policy per risk level."
+    )
+    commands: dict[str, ApprovalRule] = Field(
+        default_factory=dict, description='Policy per command, by its verb, e.g. "jobs reset-stuck".'
+    )
+
+
 class Inventory(_Model):
     """The whole inventory file."""
 
@@ -199,6 +251,7 @@ class Inventory(_Model):
     timezone: str = "UTC"
     roles: Roles = Field(default_factory=Roles)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     services: dict[Name, Service] = Field(min_length=1)
 
     @field_validator("timezone")

@@ -12,7 +12,9 @@ from handlers.context import Deps, OpsContext, Reply
 from handlers.registry import CommandArgs, NoArgs, Registry
 from handlers.router import Router
 from services.access import Risk, RoleResolver
+from services.approvals import ApprovalEngine
 from services.inventory import parse_inventory
+from services.locks import LocalLocks
 from services.redaction import Redactor
 from services.state import StateStore, open_state_store
 
@@ -62,12 +64,15 @@ async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
 @pytest.fixture
 def deps(store: StateStore) -> Deps:
     loaded = parse_inventory(INVENTORY, "t", {"SHOP_DB": "postgresql://app:hunter2-pw@db/app"})
+    redactor = Redactor(loaded.secrets)
+    roles = RoleResolver(loaded.inventory.roles)
     return Deps(
         loaded=loaded,
         store=store,
         probes={},
-        redactor=Redactor(loaded.secrets),
-        roles=RoleResolver(loaded.inventory.roles),
+        redactor=redactor,
+        roles=roles,
+        approvals=ApprovalEngine(store, LocalLocks(), roles, loaded.inventory.approvals, redactor),
     )
 
 
