@@ -1,4 +1,4 @@
-"""The `opsbot` command line: serve, console, run, demo, config check|schema."""
+"""The `opsbot` command line: serve, console, run, demo, config check|schema, audit verify|export."""
 
 from __future__ import annotations
 
@@ -43,7 +43,32 @@ def _parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate an inventory file; exit 1 listing every problem")
     check.add_argument("file", type=Path)
     config_sub.add_parser("schema", help="print the inventory JSON Schema")
+
+    audit = sub.add_parser("audit", help="check the audit log's hash chain or export it")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    audit_sub.add_parser("verify", help="check the hash chain; exit 1 naming the first broken event")
+    export = audit_sub.add_parser("export", help="write the audit log as JSON lines, oldest first")
+    export.add_argument(
+        "--output", "-o", type=Path, metavar="FILE", help="write to FILE, complete or not at all (default: stdout)"
+    )
+    export.add_argument(
+        "--since-seq",
+        type=_seq,
+        default=0,
+        metavar="N",
+        help="only events after #N, e.g. the last seq of an earlier export (default: 0, everything)",
+    )
     return parser
+
+
+def _seq(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def config_check(path: Path) -> int:
@@ -106,6 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _async_main(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    if args.command == "audit":
+        from bot.audit_cli import run_audit
+
+        return await run_audit(
+            args.audit_command,
+            settings,
+            redactor,
+            output=getattr(args, "output", None),
+            since_seq=getattr(args, "since_seq", 0),
+        )
     from bot.console import Console, exit_code
     from bot.container import build_container
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -19,6 +16,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.metrics import Metrics
 from bot.settings import Settings
+from bot.state import open_store
 from handlers.commands import load_registry
 from handlers.context import Deps
 from handlers.jobs import ResetStuckJobs
@@ -27,13 +25,12 @@ from handlers.router import Router
 from handlers.slack import SlackNotifier, group_members
 from services.access import RoleResolver
 from services.approvals import ApprovalEngine
-from services.errors import InventoryError, StartupError
-from services.failures import network_problem, short_error
+from services.errors import InventoryError
 from services.inventory import LoadedInventory, load_inventory
 from services.locks import ServiceLocks, open_locks
 from services.probes import build_health_probes
 from services.redaction import Redactor
-from services.state import StateStore, open_state_store
+from services.state import StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -71,37 +68,6 @@ def slack_client(settings: Settings, session: aiohttp.ClientSession) -> AsyncWeb
             AsyncConnectionErrorRetryHandler(max_retry_count=2),
         ],
     )
-
-
-def _store_location(settings: Settings) -> str:
-    """Where the state lives, for messages: never the DSN's credentials."""
-    if settings.state_url is None:
-        return f"SQLite {settings.sqlite_path}"
-    url = settings.state_url.get_secret_value()
-    try:
-        parts = urlsplit(url)
-        return f"{parts.scheme} {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
-    except ValueError:
-        return "OPSBOT_STATE_URL"
-
-
-async def open_store(settings: Settings, redactor: Redactor, *, wait: float = 0.0) -> StateStore:
-    """Open (and migrate) the state store, retrying for up to ``wait`` seconds while it is down."""
-    url = settings.state_url.get_secret_value() if settings.state_url else None
-    deadline = time.monotonic() + wait
-    delay = 0.5
-    while True:
-        try:
-            return await open_state_store(url, default_path=settings.sqlite_path)
-        except ValueError as exc:  # a URL we cannot use: waiting will not help
-            raise StartupError(f"OPSBOT_STATE_URL: {redactor.redact(str(exc))}") from None
-        except Exception as exc:
-            reason = network_problem(exc) or short_error(exc, redactor)
-            if time.monotonic() + delay > deadline:
-                raise StartupError(f"cannot open the state store ({_store_location(settings)}): {reason}") from None
-            log.warning("state_store_unavailable", location=_store_location(settings), reason=reason, retry_in=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def _check_approval_commands(registry: Registry, engine: ApprovalEngine, loaded: LoadedInventory) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from services.state import GENESIS_HASH, AuditEvent, AuditRecord, StateStore, chain_hash
+from services.state.base import AUDIT_COLUMNS, audit_row, seal
 from services.state.migrations import LATEST_VERSION, MIGRATIONS
 from tests.state.conftest import Backend
 
@@ -202,3 +203,73 @@ async def test_two_stores_appending_concurrently_form_one_chain(store: StateStor
         assert len(await store.audit_events(actor="U002", limit=100)) == 50
     finally:
         await other.close()
+
+
+def sql_literal(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+async def insert_row(backend: Backend, event: AuditEvent) -> None:
+    """INSERT ``event`` behind the store's back: the append-only triggers do not stop inserts."""
+    values = ", ".join(sql_literal(v) for v in audit_row(event, event.ts))
+    await backend.execute(f"INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES ({values})")
+
+
+def forged_event(seq: int, prev_hash: str) -> AuditEvent:
+    """What someone who knows the hashing scheme would write: a well-formed link after ``prev_hash``."""
+    forged = record(666, actor="U0MALLORY", args="shop --drop-all")
+    return seal(forged, seq=seq, ts=datetime.now(UTC), prev_hash=prev_hash)
+
+
+async def forge_past_head(backend: Backend, events: list[AuditEvent], *, chained: bool) -> None:
+    """Append a forged row after the last event without advancing ``audit_head``."""
+    prev = events[-1].hash if chained else "f" * 64
+    await insert_row(backend, forged_event(len(events) + 1, prev))
+
+
+async def forge_in_middle(backend: Backend, events: list[AuditEvent], at: int) -> None:
+    """Forge an event at seq ``at``: later events move up one, the one after it is relinked to it, the head follows."""
+    fake = forged_event(at, events[at - 2].hash if at > 1 else GENESIS_HASH)
+    await backend.allow_tampering()
+    # Two steps: a single ``seq = seq + 1`` would collide with the next row's primary key on the way.
+    await backend.execute(
+        f"UPDATE audit_events SET seq = seq + 1000000 WHERE seq >= {at}",
+        "UPDATE audit_events SET seq = seq - 999999 WHERE seq >= 1000000",
+        f"UPDATE audit_events SET prev_hash = '{fake.hash}' WHERE seq = {at + 1}",
+        "UPDATE audit_head SET seq = seq + 1 WHERE id = 1",
+    )
+    await insert_row(backend, fake)
+
+
+async def test_a_forged_row_is_a_well_formed_link(store: StateStore, backend: Backend) -> None:
+    # The forgeries below mean something only if the forged row is itself a valid link. (With the head
+    # advanced as well, as here, only a head hash kept outside the database would give it away.)
+    events = [await store.append_audit(record(n)) for n in range(1, 4)]
+    await forge_past_head(backend, events, chained=True)
+    await backend.execute("UPDATE audit_head SET seq = 4, hash = (SELECT hash FROM audit_events WHERE seq = 4)")
+    assert await store.verify_audit() is None
+
+
+@pytest.mark.parametrize(("at", "broken"), [(1, 2), (3, 4), (5, 6)])
+async def test_an_event_forged_into_the_chain_is_detected(
+    store: StateStore, backend: Backend, at: int, broken: int
+) -> None:
+    events = [await store.append_audit(record(n)) for n in range(1, 6)]
+    await forge_in_middle(backend, events, at)
+    rows = await backend.fetch("SELECT seq, actor FROM audit_events ORDER BY seq")
+    assert [seq for seq, _ in rows] == list(range(1, 7)) and rows[at - 1][1] == "U0MALLORY"
+    # The forged link itself holds; the event after it no longer hashes to what it stores.
+    assert await store.verify_audit() == broken
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "unchained"])
+async def test_an_event_forged_past_the_head_is_detected(store: StateStore, backend: Backend, chained: bool) -> None:
+    events = [await store.append_audit(record(n)) for n in range(1, 6)]
+    await forge_past_head(backend, events, chained=chained)  # no tampering needed: inserts are allowed
+    assert await store.verify_audit() == 6
