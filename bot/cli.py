@@ -72,8 +72,12 @@ def _seq(text: str) -> int:
 
 
 def config_check(path: Path) -> int:
+    from handlers.commands import policy_problems
+
     try:
         loaded = load_inventory(path)
+        if problems := policy_problems(loaded.inventory):
+            raise InventoryError(str(path), problems)
     except InventoryError as exc:
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:

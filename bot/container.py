@@ -17,7 +17,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.metrics import Metrics
 from bot.settings import Settings
 from bot.state import open_store
-from handlers.commands import load_registry
+from handlers.commands import load_registry, policy_problems
 from handlers.context import Deps
 from handlers.jobs import ResetStuckJobs
 from handlers.registry import Registry
@@ -72,16 +72,10 @@ def slack_client(settings: Settings, session: aiohttp.ClientSession) -> AsyncWeb
 
 def _check_approval_commands(registry: Registry, engine: ApprovalEngine, loaded: LoadedInventory) -> None:
     """Every approval-gated command has the code that runs it; the policy names only real commands."""
-    gated = {c.verb for c in registry if c.risk.needs_approval}
-    missing = gated - set(engine.actions)
+    missing = {c.verb for c in registry if c.risk.needs_approval} - set(engine.actions)
     if missing:
         raise RuntimeError(f"commands needing approval have no action registered: {sorted(missing)}")
-    unknown = sorted(set(loaded.inventory.approvals.commands) - gated)
-    if unknown:
-        problems = [
-            f"approvals.commands.{name}: not a command that needs approval (those are: {', '.join(sorted(gated))})"
-            for name in unknown
-        ]
+    if problems := policy_problems(loaded.inventory):
         raise InventoryError(loaded.source, problems)
 
 

@@ -310,3 +310,18 @@ async def test_serve_with_a_broken_inventory_lists_problems_and_exits(tmp_path: 
     assert code == 1
     assert "services.s.components.d.dsn: missing env var MISSING_DSN" in err
     assert "Traceback" not in err
+
+
+def test_config_check_refuses_an_approval_rule_for_an_unknown_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import config_check
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        'approvals:\n  commands:\n    "jobs reset": {critical: true}\n'
+        "services:\n  shop:\n    components:\n      db: {type: sqlite, path: /tmp/x.db}\n"
+    )
+    assert config_check(path) == 1
+    err = capsys.readouterr().err
+    assert "approvals.commands.jobs reset: not a command that needs approval (those are: jobs reset-stuck)" in err
