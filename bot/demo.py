@@ -84,8 +84,9 @@ async def run_demo(
             )
             console = Console(container, user=None, out=out)
             await console.show("/ops health all")
+            await console.show("/ops audit --limit 3")
             if interactive:
-                out.write("\nTry `/ops help`, `/ops health ecommerce-agent`, or `/ops hleath`.\n")
+                out.write("\nTry `/ops help`, `/ops health ecommerce-agent`, `/ops audit`, or `/ops hleath`.\n")
                 await console.loop(stdin)
             else:
                 out.write(

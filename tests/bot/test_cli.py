@@ -138,6 +138,7 @@ async def test_demo_runs_health_and_exits_without_a_terminal() -> None:
     assert code == 0, err
     assert "Health of all services: warning" in out
     assert "llm: degraded" in out
+    assert "Audit: last 1 event(s)" in out and "health all` → ok" in out  # the health check was audited
     assert "Traceback" not in err
 
 
