@@ -44,9 +44,10 @@ INSERT INTO jobs VALUES
 """
 
 
-def pipeline_inventory(*, extra: str = "") -> str:
+def pipeline_inventory(*, extra: str = "", timeout: int = 5) -> str:
     approvers = ", ".join([APPROVER, APPROVER_2, BOSS, *CLICKERS])
     return f"""
+health: {{deadline: {max(10, timeout)}}}
 roles:
   viewer: [{VIEWER}]
   operator: [{REQUESTER}]
@@ -57,21 +58,26 @@ services:
       db:
         type: postgres
         dsn: "${{PIPE_DB}}"
-        timeout: 5
+        timeout: {timeout}
         jobs: {{}}
 {extra}
 """
 
 
-@pytest.fixture
-async def jobs_dsn(postgres_server: PostgresServer) -> str:
-    dsn = postgres_server.dsn(await postgres_server.create_database())
+async def create_jobs_db(server: PostgresServer, sql: str = JOBS_SQL) -> str:
+    """A fresh database holding the jobs table; its DSN."""
+    dsn = server.dsn(await server.create_database())
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(JOBS_SQL)
+        await conn.execute(sql)
     finally:
         await conn.close()
     return dsn
+
+
+@pytest.fixture
+async def jobs_dsn(postgres_server: PostgresServer) -> str:
+    return await create_jobs_db(postgres_server)
 
 
 async def jobs_state(dsn: str) -> dict[int, tuple[str, bool, str | None]]:
