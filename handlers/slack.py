@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import structlog
-from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltRequest, AsyncRespond
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -155,11 +155,11 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
 
     @app.action(re.compile("^(" + "|".join(ACTION_IDS) + ")$"))
     async def approval_click(
-        ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], respond: AsyncRespond, request: Any
+        ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], respond: AsyncRespond, req: AsyncBoltRequest
     ) -> None:
         await ack()
         request_id = new_request_id()
-        retry = request.headers.get("x-slack-retry-num") if request is not None else None
+        retry = ",".join(req.headers.get("x-slack-retry-num") or ()) or None
         async with deps.running.track():
             await asyncio.sleep(ACK_HEADSTART)
             await on_click(deps, body, action, respond, request_id, retry)
@@ -176,7 +176,7 @@ async def on_click(
     action: dict[str, Any],
     respond: AsyncRespond,
     request_id: str,
-    retry: list[str] | str | None = None,
+    retry: str | None = None,
 ) -> None:
     """An Approve / Deny / Cancel click: the engine decides; the clicker alone hears why not."""
     verb = str(action.get("action_id", "")).removeprefix("approval_")

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 from handlers.approvals import APPROVE, CANCEL, DENY, sweep
 from services.state import Approval, ApprovalState
@@ -338,9 +339,11 @@ async def test_a_slack_retry_of_a_click_does_nothing_more(world: World) -> None:
         "X-Slack-Retry-Num": "1",
         **sign(SIGNING_SECRET, body),
     }
-    assert (await world.bot.post(body, headers=headers)).status == 200
-    [retry] = await world.slack.wait_for("response_url/retry")
+    with structlog.testing.capture_logs() as logs:
+        assert (await world.bot.post(body, headers=headers)).status == 200
+        [retry] = await world.slack.wait_for("response_url/retry")
     assert str(retry.params["text"]).startswith("This already ran (succeeded)")
+    assert any(e.get("event") == "slack_retry_of_click" and e.get("retry") == "1" for e in logs)
     assert len(await world.events("approval started")) == 1
 
 
