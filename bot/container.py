@@ -124,7 +124,7 @@ async def build_container(
         deps = Deps(
             loaded=loaded,
             store=store,
-            probes=build_health_probes(http),
+            probes=build_health_probes(http, types={spec.type for _, _, spec in loaded.inventory.components()}),
             redactor=redactor,
             roles=roles,
             approvals=engine,

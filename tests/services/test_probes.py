@@ -12,7 +12,8 @@ import pytest
 
 from services.health import Status, Target, check_health
 from services.inventory import HttpComponent, RedisComponent, SqliteComponent
-from services.probes import HttpProbe, build_health_probes
+from services.probes import build_health_probes
+from services.probes.http import HttpProbe
 from services.redaction import Redactor
 from tests.fixtures.servers import free_port
 from tests.services.conftest import SampleAppFactory
@@ -321,6 +322,7 @@ async def test_build_health_probes_covers_every_probed_type(http_session: aiohtt
     probes = build_health_probes(http_session)
 
     assert set(probes) == {"http", "postgres", "redis", "mongodb", "qdrant", "sqlite"}
+    assert set(build_health_probes(http_session, types={"http", "sqlite", "cloudrun"})) == {"http", "sqlite"}
 
 
 async def test_fan_out_waits_no_longer_than_the_hung_components_timeout(

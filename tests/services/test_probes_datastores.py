@@ -25,8 +25,11 @@ from services.inventory import (
     RedisComponent,
     SqliteComponent,
 )
-from services.probes import MongoProbe, PostgresProbe, QdrantProbe, RedisProbe, SqliteProbe
-from services.probes.qdrant import default_qdrant_client
+from services.probes.mongodb import MongoProbe
+from services.probes.postgres import PostgresProbe
+from services.probes.qdrant import QdrantProbe, default_qdrant_client
+from services.probes.redis import RedisProbe
+from services.probes.sqlite import SqliteProbe
 from services.redaction import Redactor
 from tests.fixtures.servers import PostgresServer, free_port
 
