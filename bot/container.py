@@ -116,7 +116,13 @@ async def build_container(
         # drained by then, and a clean exit hands its Redis locks back at once.
         stack.push_async_callback(locks.close)
         engine = ApprovalEngine(
-            store, locks, roles, loaded.inventory.approvals, redactor, timezone=loaded.inventory.timezone
+            store,
+            locks,
+            roles,
+            loaded.inventory.approvals,
+            redactor,
+            timezone=loaded.inventory.timezone,
+            observe=metrics.observe_approval,
         )
         engine.register("jobs reset-stuck", ResetStuckJobs(loaded.inventory, redactor))
         registry = load_registry()

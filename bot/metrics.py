@@ -50,6 +50,13 @@ class Metrics:
             buckets=_PROBE_BUCKETS,
             registry=self.registry,
         )
+        self.approval_events_total = Counter(
+            "opsbot_approval_events_total",
+            "Approval lifecycle events (requested, approved, denied, expired, started, succeeded, failed, "
+            "interrupted, drift, refusals...), by event and action.",
+            ["event", "action"],
+            registry=self.registry,
+        )
         self.slack_requests_total = Counter(
             "opsbot_slack_requests_total",
             "Requests received from Slack, by kind (command, action, event...).",
@@ -65,6 +72,10 @@ class Metrics:
     def observe_probe(self, component_type: str, seconds: float, status: Status) -> None:
         """Record one probe; the signature is ``services.health.ProbeObserver``."""
         self.probe_seconds.labels(component_type=component_type, status=status.label).observe(seconds)
+
+    def observe_approval(self, event: str, action: str) -> None:
+        """Count one approval event; the signature is ``services.approvals.ApprovalObserver``."""
+        self.approval_events_total.labels(event=event, action=action).inc()
 
     def count_slack_request(self, kind: str) -> None:
         """Count one request received from Slack."""

@@ -41,6 +41,7 @@ STALE_APPROVED = timedelta(minutes=1)
 
 Progress = Callable[[str], Awaitable[None]]
 Changed = Callable[[Approval], Awaitable[None]]
+ApprovalObserver = Callable[[str, str], None]  # (event, action), e.g. ("approved", "jobs reset-stuck")
 
 
 def new_approval_id() -> str:
@@ -187,6 +188,7 @@ class ApprovalEngine:
         *,
         timezone: str = "UTC",
         clock: Callable[[], datetime] | None = None,
+        observe: ApprovalObserver | None = None,
     ) -> None:
         self.store = store
         self.locks = locks
@@ -197,6 +199,7 @@ class ApprovalEngine:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.actions: dict[str, Action] = {}
         self.instance = uuid.uuid4().hex[:8]
+        self.observe = observe
 
     def register(self, verb: str, action: Action) -> None:
         self.actions[verb] = action
@@ -523,6 +526,8 @@ class ApprovalEngine:
         detail: str,
         duration: float = 0.0,
     ) -> None:
+        if self.observe is not None:
+            self.observe(event, approval.action)
         await self._audit_raw(
             request_id,
             actor,

@@ -207,6 +207,8 @@ async def test_request_shows_the_plan_and_approve_runs_it_once(world: World) -> 
         "approval succeeded",
     ]
     assert await world.bot.container.store.verify_audit() is None
+    _, metrics = await world.bot.get("/metrics")
+    assert 'opsbot_approval_events_total{action="jobs reset-stuck",event="succeeded"} 1.0' in metrics
 
 
 async def test_fifty_concurrent_approve_clicks_run_it_exactly_once(world: World) -> None:
@@ -435,3 +437,17 @@ async def test_read_commands_jobs_approvals_and_audit(world: World) -> None:
     await world.bot.command("jobs reset-stuck nosuch", user=REQUESTER)
     [unknown] = await world.slack.wait_for("response_url/default")
     assert unknown.params["text"].startswith("There is no service called `nosuch`")
+
+
+async def test_a_pending_request_survives_a_restart_of_the_bot(
+    fake_slack: FakeSlack, tmp_path: Path, jobs_dsn: str
+) -> None:
+    async with open_world(fake_slack, tmp_path, jobs_dsn) as before:
+        approval = await before.request()
+    async with open_world(fake_slack, tmp_path, jobs_dsn) as after:  # same state, a new process
+        await sweep(after.bot.container.deps)  # what `serve` does first: nothing to expire or recover
+        assert (await after.bot.container.store.get_approval(approval.id)).state is S.PENDING  # type: ignore[union-attr]
+        await after.click(APPROVE, approval, APPROVER)
+        final = await after.settled(approval)
+    assert final.state is S.SUCCEEDED
+    assert (await jobs_state(jobs_dsn))[1][:2] == ("pending", True)
