@@ -92,6 +92,8 @@ class Router:
                             f"you are {describe(roles)}."
                         )
                     args = parse_args(command, rest)
+                    if command.risk.needs_approval and interface == "slack":
+                        deps.approvals.check_channel(command.risk, channel_id)  # before any planning
                     service = getattr(args, "service", None)
                     ctx = OpsContext(user_id, channel_id, request_id, roles, deps, interface, progress)
                     log.info("command_started", args=args_text)

@@ -230,10 +230,8 @@ class ApprovalEngine:
         """Store ``plan`` as a pending approval (or refuse it: wrong channel, service busy)."""
         if plan.action not in self.actions:
             raise RuntimeError(f"no action registered for {plan.action!r}")
-        channels = self.settings.channels
-        if check_channel and risk is Risk.DESTRUCTIVE and channels and channel not in channels:
-            where = ", ".join(f"<#{c}>" for c in channels)
-            raise CommandError(f"Destructive commands may only be requested in {where}.", outcome="refused")
+        if check_channel:
+            self.check_channel(risk, channel)
         holder = await self.locks.holder(lock_key(plan.service))
         if holder is not None:
             raise CommandError(await self._busy(plan.service, holder), outcome="busy")
@@ -263,6 +261,13 @@ class ApprovalEngine:
             await self._audit(approval, "requested", requester, request_id, "pending", approval.summary)
             return approval
         raise RuntimeError("could not find a free approval id")
+
+    def check_channel(self, risk: Risk, channel: str) -> None:
+        """Refuse a destructive request from a channel the policy does not allow."""
+        channels = self.settings.channels
+        if risk is Risk.DESTRUCTIVE and channels and channel not in channels:
+            where = ", ".join(f"<#{c}>" for c in channels)
+            raise CommandError(f"Destructive commands may only be requested in {where}.", outcome="refused")
 
     async def _busy(self, service: str, holder: str) -> str:
         running = await self.store.get_approval(holder) if APPROVAL_ID.match(holder) else None
