@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 
 import structlog
 from pydantic import Field
@@ -15,7 +14,6 @@ from handlers.context import Block, Deps, OpsContext, Reply
 from handlers.registry import CommandArgs, NoArgs, subcommand
 from services.access import Risk
 from services.approvals import ApprovalEngine, Decision, Refused, mention, plan_of
-from services.errors import CommandError
 from services.state import Approval, ApprovalState
 
 log = structlog.get_logger(__name__)
@@ -175,19 +173,12 @@ async def run_approved(deps: Deps, approval: Approval, request_id: str) -> Appro
     return final
 
 
-Act = Callable[[str, str], Awaitable[Decision]]
-
-
 async def decide(deps: Deps, verb: str, approval_id: str, user: str, request_id: str) -> tuple[Decision, Approval]:
     """Approve, deny or cancel; show the change; run if this was the completing vote."""
     engine = deps.approvals
-    acts: dict[str, Act] = {
-        "approve": lambda a, u: engine.approve(a, u, request_id=request_id),
-        "deny": lambda a, u: engine.deny(a, u, request_id=request_id),
-        "cancel": lambda a, u: engine.cancel(a, u, request_id=request_id),
-    }
+    act = {"approve": engine.approve, "deny": engine.deny, "cancel": engine.cancel}[verb]
     try:
-        decision = await acts[verb](approval_id, user)
+        decision = await act(approval_id, user, request_id=request_id)
     except Refused as exc:
         if exc.changed is not None:
             await deps.notifier.show(exc.changed)
@@ -270,7 +261,3 @@ async def deny(ctx: OpsContext, args: IdArgs) -> Reply:
 @subcommand("cancel", help="Cancel a request you made", usage="<id>", risk=Risk.READ, args=IdArgs)
 async def cancel(ctx: OpsContext, args: IdArgs) -> Reply:
     return await _decide_command(ctx, "cancel", args.approval_id)
-
-
-def refusal(exc: CommandError) -> str:
-    return exc.message

@@ -14,9 +14,9 @@ from handlers.context import Deps, OpsContext, Progress, Reply
 from handlers.registry import Registry, Subcommand, clip_token, parse_args, tokenize
 from services.access import describe
 from services.approvals import Plan
+from services.audit import record_event
 from services.errors import CommandError, PermissionDenied
 from services.inventory import Role
-from services.state import AuditRecord
 
 log = structlog.get_logger(__name__)
 
@@ -128,7 +128,20 @@ class Router:
                 detail = f"status {reply.status.label}"
             elif outcome == "ok" and reply.approval_id is not None:
                 outcome = "pending"
-            await self._audit(deps, request_id, user_id, channel_id, verb, args_text, outcome, elapsed, service, detail)
+            # The answer still reaches the user if this write fails; a lost write is loud in the log.
+            await record_event(
+                deps.store,
+                deps.redactor,
+                request_id=request_id,
+                actor=user_id,
+                command=verb,
+                args=args_text,
+                channel=channel_id,
+                outcome=outcome,
+                service=service,
+                detail=detail,
+                seconds=elapsed,
+            )
             if deps.observe_command is not None:
                 deps.observe_command(verb, outcome, elapsed)
             log.info("command_finished", outcome=outcome, duration_ms=round(elapsed * 1000, 1))
@@ -141,33 +154,3 @@ class Router:
         if close:
             return f"There is no `/ops {shown}`. Did you mean " + " or ".join(f"`/ops {c}`" for c in close) + "?"
         return f"There is no `/ops {shown}`. Type `/ops help` to see what you can run."
-
-    async def _audit(
-        self,
-        deps: Deps,
-        request_id: str,
-        user_id: str,
-        channel_id: str,
-        verb: str,
-        args_text: str,
-        outcome: str,
-        elapsed: float,
-        service: str | None,
-        detail: str,
-    ) -> None:
-        record = AuditRecord(
-            request_id=request_id,
-            actor=user_id,
-            command=verb,
-            args=args_text,
-            channel=channel_id,
-            outcome=outcome,
-            duration_ms=elapsed * 1000,
-            service=service,
-            detail=deps.redactor.redact(detail)[:500],
-        )
-        try:
-            await deps.store.append_audit(record)
-        except Exception:
-            # The answer still reaches the user; a lost audit write is loud in the log and /ready.
-            log.exception("audit_write_failed", verb=verb, outcome=outcome)

@@ -23,11 +23,12 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from services.access import Risk, RoleResolver, describe
+from services.audit import record_event
 from services.errors import CommandError, PermissionDenied
 from services.inventory import ApprovalSettings, Role
 from services.locks import ServiceLocks
 from services.redaction import Redactor
-from services.state import Approval, ApprovalState, AuditRecord, StateStore
+from services.state import Approval, ApprovalState, StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -339,8 +340,16 @@ class ApprovalEngine:
         try:
             return await self.get(approval_id)
         except CommandError as exc:
-            await self._audit_raw(
-                request_id, user, f"approval {verb}", approval_id[:40], "", "refused", None, exc.message
+            await record_event(
+                self.store,
+                self.redactor,
+                request_id=request_id,
+                actor=user,
+                command=f"approval {verb}",
+                args=approval_id[:40],
+                channel="",
+                outcome="refused",
+                detail=exc.message,
             )
             raise
 
@@ -533,42 +542,16 @@ class ApprovalEngine:
     ) -> None:
         if self.observe is not None:
             self.observe(event, approval.action)
-        await self._audit_raw(
-            request_id,
-            actor,
-            f"approval {event}",
-            f"{approval.id} {approval.action} {approval.service}",
-            approval.channel,
-            outcome,
-            approval.service,
-            detail,
-            duration,
-        )
-
-    async def _audit_raw(
-        self,
-        request_id: str,
-        actor: str,
-        command: str,
-        args: str,
-        channel: str,
-        outcome: str,
-        service: str | None,
-        detail: str,
-        duration: float = 0.0,
-    ) -> None:
-        record = AuditRecord(
+        await record_event(
+            self.store,
+            self.redactor,
             request_id=request_id,
             actor=actor,
-            command=command,
-            args=self.redactor.redact(args)[:500],
-            channel=channel,
+            command=f"approval {event}",
+            args=f"{approval.id} {approval.action} {approval.service}",
+            channel=approval.channel,
             outcome=outcome,
-            duration_ms=duration * 1000,
-            service=service,
-            detail=self.redactor.redact(detail)[:500],
+            service=approval.service,
+            detail=detail,
+            seconds=duration,
         )
-        try:
-            await self.store.append_audit(record)
-        except Exception:
-            log.exception("audit_write_failed", command=command, outcome=outcome)
