@@ -19,9 +19,9 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import ROOT, child_env, percentile, summary, targets
+from bench.common import ROOT, child_env, percentile, post_signed, summary, targets
 from tests.fixtures.servers import free_port
-from tests.fixtures.slack import FakeSlack, sign
+from tests.fixtures.slack import FakeSlack
 
 VERBOSE = "-v" in sys.argv
 SECRET = "bench-signing-secret"
@@ -44,13 +44,7 @@ async def wait_ready(http: aiohttp.ClientSession, url: str, path: str = "/ready"
 
 async def one(http: aiohttp.ClientSession, url: str, slack: FakeSlack) -> float:
     body = slack.slash_body("health all", user_id="U0BENCH", response_url=slack.response_url())
-    headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(SECRET, body)}
-    started = time.perf_counter()
-    async with http.post(url + "/slack/events", data=body, headers=headers) as resp:
-        await resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}")
-    return time.perf_counter() - started
+    return await post_signed(http, url, body, SECRET)
 
 
 async def load(url: str, slack: FakeSlack, rounds: int, concurrency: int) -> list[float]:

@@ -16,24 +16,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 
-from bench.common import ROOT, child_env, percentile, summary
+from bench.common import ROOT, child_env, percentile, post_signed, summary
 from services.state import StateStore, open_state_store
-from tests.fixtures.servers import PG_BIN, _run_as_postgres, free_port, wait_for_port
-from tests.fixtures.slack import FakeSlack, sign
+from tests.fixtures.servers import free_port, postgres_cluster, redis_process
+from tests.fixtures.slack import FakeSlack
+from tests.scenario.test_approvals import create_jobs_db
 
 SECRET = "bench-signing-secret"
 TOKEN = "xoxb-bench-token"
@@ -50,70 +47,6 @@ UPDATE jobs SET status = 'processing', error_message = NULL,
        started_at = now() - (id || ' hours')::interval
 WHERE id IN (1, 2, 3)
 """
-
-
-# -- throwaway servers (the same recipe as tests/fixtures/servers.py, outside pytest) ----------------
-
-
-@contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
-    """A trust-auth PostgreSQL cluster on a free loopback port; yields the DSN of its postgres database."""
-    owner: dict[str, Any] = _run_as_postgres()  # user and group to run as, when we are root
-    root = Path(tempfile.mkdtemp(prefix="opsbot-bench-pg-"))
-    if owner:
-        os.chown(root, owner["user"], owner["group"])
-    data, port = root / "data", free_port()
-    initdb = [str(PG_BIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]
-    subprocess.run([*initdb, "--locale=C.UTF-8"], check=True, capture_output=True, cwd=root, **owner)
-    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
-    pg_ctl = str(PG_BIN / "pg_ctl")
-    subprocess.run(
-        [pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
-        check=True, capture_output=True, cwd=root, **owner,
-    )  # fmt: skip
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        stop = [pg_ctl, "-D", str(data), "-m", "immediate", "stop"]
-        subprocess.run(stop, capture_output=True, cwd=root, **owner)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found: install the Debian package redis-server")
-    port = free_port()
-    root = Path(tempfile.mkdtemp(prefix="opsbot-bench-redis-"))
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(root)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for_port(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-async def create_database(admin_dsn: str, sql: str = "") -> str:
-    name = f"b_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = admin_dsn.rsplit("/", 1)[0] + "/" + name
-    if sql:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-    return dsn
 
 
 # -- the replicas --------------------------------------------------------------------------------------
@@ -160,14 +93,7 @@ async def replicas(count: int, env: dict[str, str], log_dir: Path) -> AsyncItera
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: str) -> float:
-    """Send one signed Slack request; the seconds until its HTTP 200."""
-    headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(SECRET, body)}
-    started = time.perf_counter()
-    async with http.post(url + "/slack/events", data=body, headers=headers) as resp:
-        await resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status} from {url}")
-    return time.perf_counter() - started
+    return await post_signed(http, url, body, SECRET)
 
 
 async def poll(what: str, check: Any, timeout: float = 60) -> Any:  # noqa: ASYNC109
@@ -237,8 +163,13 @@ async def main() -> int:
     slack.start()
     failed = False
     try:
-        with postgres_cluster() as admin, redis_server() as redis_url, tempfile.TemporaryDirectory() as tmp:
-            state_dsn, jobs_dsn = await create_database(admin), await create_database(admin, JOBS_SQL)
+        with (
+            postgres_cluster(max_connections=300) as pg,
+            redis_process() as redis,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            state_dsn, jobs_dsn = pg.dsn(await pg.create_database()), await create_jobs_db(pg, JOBS_SQL)
+            redis_url = f"{redis}/0"
             inventory = Path(tmp) / "opsbot.yaml"
             inventory.write_text(
                 f"roles:\n  operator: [{REQUESTER}]\n  approver: [{', '.join(clickers)}]\n"

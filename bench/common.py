@@ -7,9 +7,14 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+import aiohttp
+
+from tests.fixtures.slack import sign
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +56,14 @@ def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "OPSBOT_"))}
     env.update(extra)
     return env
+
+
+async def post_signed(http: aiohttp.ClientSession, url: str, body: str, secret: str) -> float:
+    """Send one Slack-signed request to ``url``/slack/events; the seconds until its HTTP 200."""
+    headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(secret, body)}
+    started = time.perf_counter()
+    async with http.post(url + "/slack/events", data=body, headers=headers) as resp:
+        await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status} from {url}")
+    return time.perf_counter() - started

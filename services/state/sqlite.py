@@ -62,8 +62,12 @@ def _ts(value: datetime | None) -> str | None:
     return None if value is None else utc(value).strftime(_TIME_FORMAT)
 
 
+def _time(value: str) -> datetime:
+    return datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
+
+
 def _when(value: str | None) -> datetime | None:
-    return None if value is None else datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
+    return None if value is None else _time(value)
 
 
 async def _first(conn: aiosqlite.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
@@ -278,7 +282,7 @@ class SqliteStateStore:
         votes = await conn.execute_fetchall(
             "SELECT voter, voted_at FROM approval_votes WHERE approval_id = ? ORDER BY voted_at, voter", (approval_id,)
         )
-        return approval_from_row(row, tuple(Vote(v, _when(t) or datetime.now(UTC)) for v, t in votes), _when)
+        return approval_from_row(row, tuple(Vote(v, _time(t)) for v, t in votes), _when)
 
     async def get_approval(self, approval_id: str) -> Approval | None:
         """The approval with this id, with its votes, or None."""
