@@ -17,7 +17,7 @@ import structlog.testing
 
 from handlers.approvals import APPROVE, CANCEL, DENY, sweep
 from services.state import Approval, ApprovalState
-from tests.fixtures.servers import PostgresServer
+from tests.fixtures.servers import PostgresServer, free_port
 from tests.fixtures.slack import Call, FakeSlack, sign
 from tests.scenario.harness import SIGNING_SECRET, Bot, inventory, running_bot
 
@@ -451,3 +451,43 @@ async def test_a_pending_request_survives_a_restart_of_the_bot(
         final = await after.settled(approval)
     assert final.state is S.SUCCEEDED
     assert (await jobs_state(jobs_dsn))[1][:2] == ("pending", True)
+
+
+async def test_bad_input_to_the_new_commands_gets_one_sentence_and_nothing_runs(world: World) -> None:
+    cases = {
+        "jobs": "Missing `service`. Usage: `/ops jobs <service> [component]`",
+        "jobs pipeline nosuch": "`pipeline` has no jobs table in a component called `nosuch`; known: `db`.",
+        "audit --limit 0": "`--limit`: input should be greater than or equal to 1.",
+        "audit --limit 1000": "`--limit`: input should be less than or equal to 100.",
+        "audit nosuch": "There is no service called `nosuch`.",
+        "approve": "Missing `approval_id`. Usage: `/ops approve <id>`",
+        "deny ZZ-not-an-id": "`zz-not-an-id` is not an approval id (they look like `k3xm9q2p`).",
+        "cancel abcdefgh": "There is no approval `abcdefgh`.",
+    }
+    for text, expected in cases.items():
+        world.slack.reset()
+        await world.bot.command(text, user=APPROVER)
+        [answer] = await world.slack.wait_for("response_url/default")
+        assert answer.params["response_type"] == "ephemeral"
+        assert expected in answer.params["text"], (text, answer.params["text"])
+        assert "Traceback" not in str(answer.params)
+    assert await world.bot.container.store.list_approvals(list(S)) == []
+    assert (await jobs_state(world.dsn))[1][0] == "processing"
+
+
+async def test_an_unreachable_jobs_database_is_one_sentence_without_its_password(
+    fake_slack: FakeSlack, tmp_path: Path
+) -> None:
+    dsn = f"postgresql://app:s3cret-Pw-91@127.0.0.1:{free_port()}/jobs"
+    async with open_world(fake_slack, tmp_path, dsn) as world:
+        for text in ("jobs pipeline", "jobs reset-stuck pipeline"):
+            fake_slack.reset()
+            await world.bot.command(text, user=REQUESTER)
+            [answer] = await fake_slack.wait_for("response_url/default")
+            assert answer.params["response_type"] == "ephemeral"
+            assert "connection refused" in answer.params["text"].lower(), answer.params["text"]
+            assert "s3cret-Pw-91" not in "".join(c.raw.decode(errors="replace") for c in fake_slack.calls)
+        events = await world.bot.container.store.audit_events()
+        assert [e.outcome for e in events[:2]] == ["rejected", "rejected"]
+        assert all("s3cret-Pw-91" not in e.detail + e.args for e in events)
+        assert await world.bot.container.store.list_approvals(list(S)) == []
