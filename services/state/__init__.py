@@ -1,4 +1,4 @@
-"""The bot's own state (audit log, approvals and their runs; catalogs later) in SQLite or PostgreSQL."""
+"""The bot's own state (audit log, approvals and their runs, the backup catalog) in SQLite or PostgreSQL."""
 
 from services.state.base import (
     GENESIS_HASH,
@@ -6,6 +6,8 @@ from services.state.base import (
     ApprovalState,
     AuditEvent,
     AuditRecord,
+    BackupRecord,
+    BackupState,
     StateStore,
     Vote,
     VoteResult,
@@ -21,6 +23,8 @@ __all__ = [
     "ApprovalState",
     "AuditEvent",
     "AuditRecord",
+    "BackupRecord",
+    "BackupState",
     "PostgresStateStore",
     "SqliteStateStore",
     "StateStore",

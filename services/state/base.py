@@ -260,6 +260,108 @@ def transition_columns(to: ApprovalState) -> tuple[str, str | None]:
     return "finished_at", None
 
 
+class BackupState(StrEnum):
+    """A catalogued backup: being written, complete and checked, failed, or removed by retention."""
+
+    RUNNING = "running"
+    GOOD = "good"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class BackupRecord:
+    """One backup in the catalog: where it is, what it holds, and whether it can be trusted.
+
+    Only ``good`` backups have a complete object and manifest at ``location``; a ``running`` row
+    whose writer died is turned ``failed`` by the sweeper.
+    """
+
+    id: str
+    service: str
+    component: str
+    source: str  # the source kind: postgres, mongodb, sqlite, files, cloudsql
+    trigger: str  # manual, safety (before a restore), scheduled, cli
+    requested_by: str
+    destination: str  # the inventory's name of the destination
+    key: str  # object key inside the destination
+    location: str  # human-readable address (path or s3://…)
+    codec: str
+    state: BackupState
+    started_at: datetime
+    finished_at: datetime | None = None
+    size: int | None = None
+    sha256: str | None = None
+    manifest: dict[str, Any] | None = None
+    error: str = ""
+    verified_at: datetime | None = None
+    verify_result: str = ""
+
+    @property
+    def duration(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+BACKUP_COLUMNS = (
+    "id, service, component, source, trigger, requested_by, destination, object_key, location, codec,"
+    " state, started_at, finished_at, size, sha256, manifest, error, verified_at, verify_result"
+)
+
+
+def backup_row(record: BackupRecord, ts: Any) -> tuple[object, ...]:
+    """A backup's values in ``BACKUP_COLUMNS`` order; ``ts`` converts datetimes for the database."""
+    return (
+        record.id,
+        record.service,
+        record.component,
+        record.source,
+        record.trigger,
+        record.requested_by,
+        record.destination,
+        record.key,
+        record.location,
+        record.codec,
+        record.state.value,
+        ts(record.started_at),
+        ts(record.finished_at),
+        record.size,
+        record.sha256,
+        json.dumps(record.manifest or {}, sort_keys=True, ensure_ascii=False),
+        record.error,
+        ts(record.verified_at),
+        record.verify_result,
+    )
+
+
+def backup_from_row(row: Any, when: Any) -> BackupRecord:
+    """A backup from a row in ``BACKUP_COLUMNS`` order; ``when`` converts stored times back."""
+    (id_, service, component, source, trigger, requested_by, destination, key, location, codec, state,
+     started, finished, size, sha256, manifest, error, verified, verify_result) = tuple(row)  # fmt: skip
+    return BackupRecord(
+        id=id_,
+        service=service,
+        component=component,
+        source=source,
+        trigger=trigger,
+        requested_by=requested_by,
+        destination=destination,
+        key=key,
+        location=location,
+        codec=codec,
+        state=BackupState(state),
+        started_at=when(started),
+        finished_at=when(finished),
+        size=None if size is None else int(size),
+        sha256=sha256,
+        manifest=json.loads(manifest) or None,
+        error=error,
+        verified_at=when(verified),
+        verify_result=verify_result,
+    )
+
+
 def utc(value: datetime) -> datetime:
     """``value`` as an aware UTC datetime (naive ones are taken to be UTC)."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -323,6 +425,41 @@ class StateStore(Protocol):
 
     async def attach_approval_message(self, approval_id: str, channel: str, ts: str) -> None:
         """Remember the Slack message that shows the approval, so later transitions can edit it."""
+
+    async def create_backup(self, record: BackupRecord) -> None:
+        """Catalog a backup that is starting; raise ``KeyError`` if its id is taken."""
+
+    async def finish_backup(
+        self,
+        backup_id: str,
+        state: BackupState,
+        *,
+        at: datetime,
+        size: int | None = None,
+        sha256: str | None = None,
+        manifest: dict[str, Any] | None = None,
+        error: str = "",
+    ) -> BackupRecord | None:
+        """Compare-and-set a ``running`` backup to ``good`` or ``failed``; None if it was not running."""
+
+    async def get_backup(self, backup_id: str) -> BackupRecord | None:
+        """The backup with this id, or None."""
+
+    async def list_backups(
+        self,
+        *,
+        service: str | None = None,
+        component: str | None = None,
+        states: Collection[BackupState] | None = None,
+        limit: int = 50,
+    ) -> list[BackupRecord]:
+        """Newest first; ``None`` filters mean any."""
+
+    async def record_backup_check(self, backup_id: str, *, at: datetime, result: str) -> None:
+        """Remember when a backup was last verified, and the outcome ("ok: …" or "failed: …")."""
+
+    async def delete_backup(self, backup_id: str, *, at: datetime) -> bool:
+        """Mark a ``good`` or ``failed`` backup ``deleted`` (retention); False if it was neither."""
 
     async def close(self) -> None:
         """Release connections; the store is unusable afterwards."""

@@ -215,7 +215,66 @@ _APPROVALS_V2 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1, _APPROVALS_V2)
+_BACKUPS_V3 = Migration(
+    version=3,
+    name="backup catalog",
+    sqlite=(
+        """
+        CREATE TABLE backups (
+            id TEXT PRIMARY KEY,
+            service TEXT NOT NULL,
+            component TEXT NOT NULL,
+            source TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            requested_by TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            object_key TEXT NOT NULL,
+            location TEXT NOT NULL,
+            codec TEXT NOT NULL,
+            state TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            size INTEGER,
+            sha256 TEXT,
+            manifest TEXT NOT NULL DEFAULT '{}',
+            error TEXT NOT NULL DEFAULT '',
+            verified_at TEXT,
+            verify_result TEXT NOT NULL DEFAULT ''
+        )
+        """,
+        "CREATE INDEX backups_service ON backups (service, component, started_at)",
+        "CREATE INDEX backups_state ON backups (state, started_at)",
+    ),
+    postgres=(
+        """
+        CREATE TABLE backups (
+            id text PRIMARY KEY,
+            service text NOT NULL,
+            component text NOT NULL,
+            source text NOT NULL,
+            trigger text NOT NULL,
+            requested_by text NOT NULL,
+            destination text NOT NULL,
+            object_key text NOT NULL,
+            location text NOT NULL,
+            codec text NOT NULL,
+            state text NOT NULL,
+            started_at timestamptz NOT NULL,
+            finished_at timestamptz,
+            size bigint,
+            sha256 text,
+            manifest text NOT NULL DEFAULT '{}',
+            error text NOT NULL DEFAULT '',
+            verified_at timestamptz,
+            verify_result text NOT NULL DEFAULT ''
+        )
+        """,
+        "CREATE INDEX backups_service ON backups (service, component, started_at)",
+        "CREATE INDEX backups_state ON backups (state, started_at)",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1, _APPROVALS_V2, _BACKUPS_V3)
 
 LATEST_VERSION = MIGRATIONS[-1].version
 

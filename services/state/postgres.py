@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -15,15 +16,20 @@ from services.state.base import (
     APPROVAL_COLUMNS,
     AUDIT_BATCH_SIZE,
     AUDIT_COLUMNS,
+    BACKUP_COLUMNS,
     Approval,
     ApprovalState,
     AuditEvent,
     AuditRecord,
+    BackupRecord,
+    BackupState,
     Vote,
     VoteResult,
     approval_from_row,
     approval_row,
     audit_row,
+    backup_from_row,
+    backup_row,
     seal,
     transition_columns,
     utc,
@@ -309,6 +315,88 @@ class PostgresStateStore:
         await self._pool.execute(
             "UPDATE approvals SET message_channel = $2, message_ts = $3 WHERE id = $1", approval_id, channel, ts
         )
+
+    async def create_backup(self, record: BackupRecord) -> None:
+        """Catalog a backup that is starting; raise ``KeyError`` if its id is taken."""
+        marks = ", ".join(f"${n}" for n in range(1, len(BACKUP_COLUMNS.split(",")) + 1))
+        try:
+            await self._pool.execute(
+                f"INSERT INTO backups ({BACKUP_COLUMNS}) VALUES ({marks})",  # noqa: S608
+                *backup_row(record, _same),
+            )
+        except asyncpg.UniqueViolationError:
+            raise KeyError(record.id) from None
+
+    async def finish_backup(
+        self,
+        backup_id: str,
+        state: BackupState,
+        *,
+        at: datetime,
+        size: int | None = None,
+        sha256: str | None = None,
+        manifest: dict[str, Any] | None = None,
+        error: str = "",
+    ) -> BackupRecord | None:
+        """Compare-and-set a ``running`` backup to ``good`` or ``failed``; None if it was not running."""
+        row = await self._pool.fetchrow(
+            "UPDATE backups SET state = $2, finished_at = $3, size = $4, sha256 = $5, manifest = $6, error = $7"  # noqa: S608
+            f" WHERE id = $1 AND state = $8 RETURNING {BACKUP_COLUMNS}",
+            backup_id,
+            BackupState(state).value,
+            at,
+            size,
+            sha256,
+            json.dumps(manifest or {}, sort_keys=True, ensure_ascii=False),
+            error,
+            BackupState.RUNNING.value,
+        )
+        return None if row is None else backup_from_row(row.values(), _when)
+
+    async def get_backup(self, backup_id: str) -> BackupRecord | None:
+        """The backup with this id, or None."""
+        row = await self._pool.fetchrow(f"SELECT {BACKUP_COLUMNS} FROM backups WHERE id = $1", backup_id)  # noqa: S608
+        return None if row is None else backup_from_row(row.values(), _when)
+
+    async def list_backups(
+        self,
+        *,
+        service: str | None = None,
+        component: str | None = None,
+        states: Collection[BackupState] | None = None,
+        limit: int = 50,
+    ) -> list[BackupRecord]:
+        """Newest first; ``None`` filters mean any."""
+        wanted = None if states is None else [BackupState(s).value for s in states]
+        rows = await self._pool.fetch(
+            f"SELECT {BACKUP_COLUMNS} FROM backups"  # noqa: S608
+            " WHERE ($1::text IS NULL OR service = $1) AND ($2::text IS NULL OR component = $2)"
+            " AND ($3::text[] IS NULL OR state = ANY($3::text[]))"
+            " ORDER BY started_at DESC, id DESC LIMIT $4",
+            service,
+            component,
+            wanted,
+            limit,
+        )
+        return [backup_from_row(row.values(), _when) for row in rows]
+
+    async def record_backup_check(self, backup_id: str, *, at: datetime, result: str) -> None:
+        """Remember when a backup was last verified, and the outcome."""
+        await self._pool.execute(
+            "UPDATE backups SET verified_at = $2, verify_result = $3 WHERE id = $1", backup_id, at, result
+        )
+
+    async def delete_backup(self, backup_id: str, *, at: datetime) -> bool:
+        """Mark a ``good`` or ``failed`` backup ``deleted``; False if it was neither."""
+        done = await self._pool.fetchval(
+            "UPDATE backups SET state = $2, finished_at = COALESCE(finished_at, $3)"
+            " WHERE id = $1 AND state = ANY($4::text[]) RETURNING id",
+            backup_id,
+            BackupState.DELETED.value,
+            at,
+            [BackupState.GOOD.value, BackupState.FAILED.value],
+        )
+        return done is not None
 
     async def close(self) -> None:
         """Close the pool, waiting a bounded time for connections in use."""

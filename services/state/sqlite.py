@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable
 from datetime import UTC, datetime
@@ -17,15 +18,20 @@ from services.state.base import (
     APPROVAL_COLUMNS,
     AUDIT_BATCH_SIZE,
     AUDIT_COLUMNS,
+    BACKUP_COLUMNS,
     Approval,
     ApprovalState,
     AuditEvent,
     AuditRecord,
+    BackupRecord,
+    BackupState,
     Vote,
     VoteResult,
     approval_from_row,
     approval_row,
     audit_row,
+    backup_from_row,
+    backup_row,
     seal,
     transition_columns,
     utc,
@@ -374,6 +380,101 @@ class SqliteStateStore:
             await conn.execute(
                 "UPDATE approvals SET message_channel = ?, message_ts = ? WHERE id = ?", (channel, ts, approval_id)
             )
+
+    async def create_backup(self, record: BackupRecord) -> None:
+        """Catalog a backup that is starting; raise ``KeyError`` if its id is taken."""
+        placeholders = ", ".join("?" * len(BACKUP_COLUMNS.split(",")))
+        try:
+            async with self._write() as conn:
+                await conn.execute(
+                    f"INSERT INTO backups ({BACKUP_COLUMNS}) VALUES ({placeholders})",  # noqa: S608
+                    backup_row(record, _ts),
+                )
+        except sqlite3.IntegrityError:
+            raise KeyError(record.id) from None
+
+    async def finish_backup(
+        self,
+        backup_id: str,
+        state: BackupState,
+        *,
+        at: datetime,
+        size: int | None = None,
+        sha256: str | None = None,
+        manifest: dict[str, Any] | None = None,
+        error: str = "",
+    ) -> BackupRecord | None:
+        """Compare-and-set a ``running`` backup to ``good`` or ``failed``; None if it was not running."""
+        async with self._write() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE backups SET state = ?, finished_at = ?, size = ?, sha256 = ?, manifest = ?, error = ?"  # noqa: S608
+                f" WHERE id = ? AND state = ? RETURNING {BACKUP_COLUMNS}",
+                (
+                    BackupState(state).value,
+                    _ts(at),
+                    size,
+                    sha256,
+                    json.dumps(manifest or {}, sort_keys=True, ensure_ascii=False),
+                    error,
+                    backup_id,
+                    BackupState.RUNNING.value,
+                ),
+            )
+            rows = list(rows)
+        return backup_from_row(rows[0], _when) if rows else None
+
+    async def get_backup(self, backup_id: str) -> BackupRecord | None:
+        """The backup with this id, or None."""
+        async with self._lock:
+            row = await _first(self._conn, f"SELECT {BACKUP_COLUMNS} FROM backups WHERE id = ?", (backup_id,))  # noqa: S608
+        return None if row is None else backup_from_row(row, _when)
+
+    async def list_backups(
+        self,
+        *,
+        service: str | None = None,
+        component: str | None = None,
+        states: Collection[BackupState] | None = None,
+        limit: int = 50,
+    ) -> list[BackupRecord]:
+        """Newest first; ``None`` filters mean any."""
+        where: list[str] = []
+        params: list[Any] = []
+        if service is not None:
+            where.append("service = ?")
+            params.append(service)
+        if component is not None:
+            where.append("component = ?")
+            params.append(component)
+        if states is not None:
+            wanted = [BackupState(s).value for s in states]
+            if not wanted:
+                return []
+            where.append(f"state IN ({', '.join('?' * len(wanted))})")
+            params += wanted
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(
+                f"SELECT {BACKUP_COLUMNS} FROM backups{clause} ORDER BY started_at DESC, id DESC LIMIT ?",  # noqa: S608
+                (*params, limit),
+            )
+        return [backup_from_row(row, _when) for row in rows]
+
+    async def record_backup_check(self, backup_id: str, *, at: datetime, result: str) -> None:
+        """Remember when a backup was last verified, and the outcome."""
+        async with self._write() as conn:
+            await conn.execute(
+                "UPDATE backups SET verified_at = ?, verify_result = ? WHERE id = ?", (_ts(at), result, backup_id)
+            )
+
+    async def delete_backup(self, backup_id: str, *, at: datetime) -> bool:
+        """Mark a ``good`` or ``failed`` backup ``deleted``; False if it was neither."""
+        async with self._write() as conn:
+            cursor = await conn.execute(
+                "UPDATE backups SET state = ?, finished_at = COALESCE(finished_at, ?) WHERE id = ? AND state IN (?, ?)",
+                (BackupState.DELETED.value, _ts(at), backup_id, BackupState.GOOD.value, BackupState.FAILED.value),
+            )
+            return cursor.rowcount == 1
 
     async def close(self) -> None:
         """Close the connection."""
