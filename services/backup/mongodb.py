@@ -1,0 +1,373 @@
+"""MongoDB backups made natively with PyMongo's async client, in mongodump's layout inside a tar.
+
+No mongodump on the bot's host is needed, and the result still restores with mongorestore:
+``<database>/<collection>.bson`` holds the documents' raw BSON back to back (RawBSONDocument, so
+nothing is decoded and re-encoded) and ``<database>/<collection>.metadata.json`` the options and
+indexes in extended JSON. A tar header needs the member's size first, so each collection is
+spooled to a private temporary file (disk, not memory), then streamed. Like mongodump without
+--oplog, each collection is read as it is at the time; collections are not one snapshot together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tarfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar, cast
+
+import bson
+import pymongo
+from bson import json_util
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.raw_bson import RawBSONDocument
+from bson.son import SON
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure, PyMongoError
+
+from services.backup.base import CHUNK, BackupError, DumpInfo
+from services.backup.bridge import file_chunks, parse_stream, private_dir, read_stream, read_to_end
+from services.failures import network_problem, short_error
+from services.inventory import secrets_in
+from services.redaction import Redactor
+
+T = TypeVar("T")
+
+_RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+# A check decodes every document fully; dates outside Python's range must not count as damage.
+_FULL: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+_BATCH_BYTES = 4 * CHUNK  # raw BSON per insert_many during a restore
+_BATCH_DOCS = 10_000
+_METADATA_LIMIT = 16 << 20  # a metadata file bigger than this is not one we wrote
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_BSON = ".bson"
+_METADATA = ".metadata.json"
+
+
+def _member_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = int(time.time())
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % _BLOCK)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """``("shop/users.bson")`` → ``("users", ".bson")``; ValueError for anything else."""
+    directory, _, rest = name.partition("/")
+    for suffix in (_METADATA, _BSON):
+        if directory and rest.endswith(suffix) and len(rest) > len(suffix):
+            return rest[: -len(suffix)], suffix
+    raise ValueError(f"unexpected member {name!r} (not <database>/<collection>.bson or .metadata.json)")
+
+
+def _hosts(uri: str) -> str:
+    """The host list of a MongoDB URI, without scheme, credentials or options."""
+    rest = uri.split("://", 1)[-1]
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    return authority.rpartition("@")[2] or "localhost"
+
+
+def _metadata(name: str, options: Mapping[str, Any], indexes: list[Any]) -> bytes:
+    document = {
+        "options": dict(options),
+        "indexes": indexes,
+        "uuid": "",
+        "collectionName": name,
+        "type": "collection",
+    }
+    return json_util.dumps(document, json_options=json_util.CANONICAL_JSON_OPTIONS).encode()
+
+
+@dataclass
+class _Progress:
+    """How far a restore got, for its summary or its error message."""
+
+    started: set[str] = field(default_factory=set)
+    documents: int = 0
+    current: str = ""
+
+
+@dataclass(frozen=True)
+class _Event:
+    """What the tar parser (a worker thread) hands to the event loop during a restore."""
+
+    collection: str
+    metadata: dict[str, Any] | None = None
+    documents: list[RawBSONDocument] | None = None
+
+
+def _restore_events(source: BinaryIO) -> Iterator[_Event]:
+    """Runs in a worker thread: the archive as metadata and batches of raw documents."""
+    with tarfile.open(fileobj=source, mode="r|") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            collection, suffix = _split_member(member.name)
+            data = tar.extractfile(member)
+            if data is None:
+                continue
+            if suffix == _METADATA:
+                if member.size > _METADATA_LIMIT:
+                    raise ValueError(f"{member.name} is too big for a metadata file")
+                yield _Event(collection, metadata=json_util.loads(data.read()))
+                continue
+            batch: list[RawBSONDocument] = []
+            size = 0
+            for document in bson.decode_file_iter(data, _RAW):
+                batch.append(document)
+                size += len(document.raw)
+                if size >= _BATCH_BYTES or len(batch) >= _BATCH_DOCS:
+                    yield _Event(collection, documents=batch)
+                    batch, size = [], 0
+            yield _Event(collection, documents=batch)
+        read_to_end(cast(BinaryIO, tar.fileobj), padding_only=True)
+
+
+def _survey(source: BinaryIO) -> tuple[dict[str, int], set[str]]:
+    """Runs in a worker thread: every document decoded, every metadata parsed; counts per collection."""
+    counts: dict[str, int] = {}
+    described: set[str] = set()
+    with tarfile.open(fileobj=source, mode="r|") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            collection, suffix = _split_member(member.name)
+            data = tar.extractfile(member)
+            if data is None:
+                continue
+            if suffix == _METADATA:
+                document = json_util.loads(data.read(_METADATA_LIMIT))
+                if not isinstance(document, dict) or not isinstance(document.get("indexes", []), list):
+                    raise ValueError(f"{member.name} is not collection metadata")
+                described.add(collection)
+            else:
+                counts[collection] = sum(1 for _ in bson.decode_file_iter(data, _FULL))
+        read_to_end(cast(BinaryIO, tar.fileobj), padding_only=True)
+    return counts, described
+
+
+class MongoSource:
+    """One MongoDB database (or some of its collections), dumped and restored with PyMongo."""
+
+    kind = "mongodb"
+    extension = "tar"
+
+    def __init__(
+        self,
+        uri: str,
+        database: str,
+        *,
+        timeout: float,
+        redactor: Redactor,
+        collections: Sequence[str] | None = None,
+    ) -> None:
+        self._uri = uri
+        self._database = database
+        self._timeout = timeout
+        self._collections = list(collections) if collections else None
+        self._redactor = Redactor(secrets_in(uri))
+        self._outer_redactor = redactor
+        self._info = DumpInfo()
+
+    def describe(self) -> str:
+        return f"MongoDB database {self._database} on {_hosts(self._uri)}"
+
+    @property
+    def info(self) -> DumpInfo:
+        return self._info
+
+    def _client(self) -> AsyncMongoClient[dict[str, Any]]:
+        milliseconds = max(1, int(self._timeout * 1000))
+        try:
+            return AsyncMongoClient(
+                self._uri,
+                serverSelectionTimeoutMS=milliseconds,
+                connectTimeoutMS=milliseconds,
+                socketTimeoutMS=milliseconds,
+                appname="opsbot-backup",
+            )
+        except (PyMongoError, ValueError, TypeError) as exc:
+            raise BackupError(f"cannot use the MongoDB URI: {self._problem(exc)}") from None
+
+    def _problem(self, exc: BaseException) -> str:
+        """Why MongoDB failed, as a phrase without the URI's password."""
+        if isinstance(exc, ConfigurationError | ValueError | TypeError):
+            return f"the MongoDB URI is not valid ({type(exc).__name__})"  # its text may hold the password
+        if isinstance(exc, OperationFailure) and exc.code in (13, 18):
+            return "authentication failed" if exc.code == 18 else "not authorised"
+        if isinstance(exc, ConnectionFailure):
+            found = network_problem(exc)
+            if found and found != "timed out":
+                return found
+            return f"no server answered within {self._timeout:g} s"
+        text = short_error(exc, self._redactor)
+        return self._outer_redactor.redact(text)
+
+    async def _names(self, database: AsyncDatabase[dict[str, Any]]) -> list[str]:
+        """Collections to dump: the configured ones, else every plain collection but system.*."""
+        found: dict[str, str] = {}
+        async for entry in await database.list_collections():
+            found[str(entry["name"])] = str(entry.get("type", "collection"))
+        if self._collections is not None:
+            missing = [name for name in self._collections if name not in found]
+            if missing:
+                raise BackupError(f"collection {missing[0]} does not exist in MongoDB database {self._database}")
+            return self._collections
+        return sorted(name for name, kind in found.items() if kind == "collection" and not name.startswith("system."))
+
+    async def _spool(self, database: AsyncDatabase[dict[str, Any]], name: str, path: Path) -> int:
+        """The collection's documents as raw BSON into ``path`` (written in CHUNK pieces by a thread)."""
+        # PyMongo types the collection with the database's document class, not the codec's.
+        collection = cast("AsyncCollection[RawBSONDocument]", database.get_collection(name, codec_options=_RAW))
+        count = 0
+        buffer = bytearray()
+        with path.open("wb") as out:
+            cursor = collection.find({})
+            try:
+                async for document in cursor:
+                    buffer += document.raw
+                    count += 1
+                    if len(buffer) >= CHUNK:
+                        full, buffer = buffer, bytearray()
+                        await asyncio.to_thread(out.write, full)
+            finally:
+                await cursor.close()
+            if buffer:
+                await asyncio.to_thread(out.write, buffer)
+        return count
+
+    async def _describe_collection(self, database: AsyncDatabase[dict[str, Any]], name: str) -> bytes:
+        options: Mapping[str, Any] = {}
+        async for entry in await database.list_collections(filter={"name": name}):
+            options = entry.get("options", {})
+        indexes = [SON(index) async for index in await database[name].list_indexes()]
+        return _metadata(name, options, indexes)
+
+    async def dump(self) -> AsyncIterator[bytes]:
+        """The tar stream, one collection after the other; metadata before documents."""
+        client = self._client()
+        database = client[self._database]
+        counts: dict[str, int] = {}
+        written = 0
+        try:
+            names = await self._driver(f"cannot read MongoDB database {self._database}", self._names(database))
+            async with private_dir() as directory:
+                spool = directory / "collection.bson"
+                for name in names:
+                    doing = f"cannot read MongoDB collection {name}"
+                    metadata = await self._driver(doing, self._describe_collection(database, name))
+                    counts[name] = await self._driver(doing, self._spool(database, name, spool))
+                    described = _member_header(f"{self._database}/{name}{_METADATA}", len(metadata))
+                    described += metadata + _padding(len(metadata))
+                    size = spool.stat().st_size
+                    head = _member_header(f"{self._database}/{name}{_BSON}", size)
+                    written += len(described) + len(head)
+                    yield described + head
+                    async for chunk in file_chunks(spool):
+                        written += len(chunk)
+                        yield chunk
+                    spool.unlink()
+                    if tail := _padding(size):
+                        written += len(tail)
+                        yield tail
+            end = b"\0" * (2 * _BLOCK)
+            yield end + b"\0" * (-(written + len(end)) % _RECORD)
+        finally:
+            await client.close()
+            # An error's traceback keeps this frame alive; without the client in it, it does not
+            # keep PyMongo's topology either (nor a socket PyMongo leaked there, PYTHON-3923).
+            del client, database
+        self._info = DumpInfo(tools={"pymongo": pymongo.version}, stats={"collections": counts})
+
+    async def check(self, chunks: AsyncIterator[bytes], stats: Mapping[str, Any]) -> str:
+        """Every document decodes, every metadata file parses, counts equal the manifest's."""
+        try:
+            counts, described = await read_stream(chunks, _survey, name="mongo-check")
+        except (OSError, tarfile.TarError, ValueError, bson.errors.BSONError) as exc:
+            raise BackupError(f"the MongoDB archive is damaged: {short_error(exc)}") from None
+        if missing := sorted(set(counts) - described):
+            raise BackupError(f"the MongoDB archive has no metadata for collection {missing[0]}")
+        expected = stats.get("collections")
+        if expected is not None and dict(expected) != counts:
+            differ = sorted(set(expected) ^ set(counts)) or sorted(
+                name for name in counts if counts[name] != expected[name]
+            )
+            name = differ[0]
+            raise BackupError(
+                f"collection {name} has {counts.get(name, 0)} documents in the archive, "
+                f"its manifest says {dict(expected).get(name, 0)}"
+            )
+        return f"archive decodes: {len(counts)} collections, {sum(counts.values()):,} documents"
+
+    async def restore(self, chunks: AsyncIterator[bytes]) -> str:
+        """Each collection in the archive is dropped, refilled in batches, then indexed.
+
+        Not atomic across collections (MongoDB has no such transaction for DDL): if it fails half
+        way, the collections restored so far stay restored and the message says which one failed.
+        """
+        client = self._client()
+        progress = _Progress()
+        try:
+            doing = f"restoring MongoDB database {self._database} failed"
+            await self._driver(doing, self._restore_into(client[self._database], chunks, progress), progress)
+        finally:
+            await client.close()
+            del client  # as in dump(): an error's traceback must not keep the driver's state alive
+        collections = len(progress.started)
+        return (
+            f"restored {collections} collection{'' if collections == 1 else 's'} "
+            f"({progress.documents:,} documents) into {self.describe()}"
+        )
+
+    async def _restore_into(
+        self, database: AsyncDatabase[dict[str, Any]], chunks: AsyncIterator[bytes], progress: _Progress
+    ) -> None:
+        indexes: dict[str, list[Any]] = {}
+        try:
+            async for event in parse_stream(chunks, _restore_events, name="mongo-restore"):
+                progress.current = event.collection
+                if event.collection not in progress.started:
+                    await database.drop_collection(event.collection)
+                    options = (event.metadata or {}).get("options") or {}
+                    await database.command(SON([("create", event.collection), *dict(options).items()]))
+                    progress.started.add(event.collection)
+                if event.metadata is not None:
+                    indexes[event.collection] = list(event.metadata.get("indexes") or [])
+                if event.documents:
+                    await database[event.collection].insert_many(
+                        event.documents, ordered=True, bypass_document_validation=True
+                    )
+                    progress.documents += len(event.documents)
+        except (OSError, tarfile.TarError, ValueError, bson.errors.BSONError) as exc:
+            raise BackupError(f"cannot read the MongoDB archive: {short_error(exc)}") from None
+        for name, specs in indexes.items():
+            progress.current = name
+            wanted = [_index_spec(spec) for spec in specs if spec.get("name") != "_id_"]
+            if wanted:
+                await database.command(SON([("createIndexes", name), ("indexes", wanted)]))
+
+    async def _driver(self, doing: str, operation: Awaitable[T], progress: _Progress | None = None) -> T:
+        """Await ``operation``; a driver error becomes "<doing>: <why>" (at collection X)."""
+        try:
+            return await operation
+        except PyMongoError as exc:
+            problem = self._problem(exc)
+        where = f" at collection {progress.current}" if progress is not None and progress.current else ""
+        # Raised outside the except block, so the driver's exception is not kept as its context:
+        # its frames can hold the socket of a connect attempt PyMongo never closed (PYTHON-3923).
+        raise BackupError(f"{doing}{where}: {problem}")
+
+
+def _index_spec(spec: Mapping[str, Any]) -> SON[str, Any]:
+    """An index as listIndexes gave it, ready for createIndexes (mongorestore drops "ns" too)."""
+    return SON((key, value) for key, value in spec.items() if key != "ns")
