@@ -9,7 +9,7 @@ from typing import TextIO
 
 from bot.container import Container
 from handlers.blocks import messages_for, plain, render_text
-from handlers.context import Reply
+from handlers.context import Block, Reply
 from services.health import Status
 from services.inventory import Role
 
@@ -62,9 +62,14 @@ class Console:
             deps=self.container.deps,
             interface="console",
             progress=self._progress,
+            live=self._live,
         )
 
     async def _progress(self, text: str) -> None:
+        self.out.write(plain(text) + "\n")
+        self.out.flush()
+
+    async def _live(self, text: str, blocks: list[Block]) -> None:
         self.out.write(plain(text) + "\n")
         self.out.flush()
 

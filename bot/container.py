@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import structlog
@@ -17,14 +18,17 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.metrics import Metrics
 from bot.settings import Settings
 from bot.state import open_store
+from handlers.backup import RestoreBackup
 from handlers.commands import load_registry, policy_problems
 from handlers.context import Deps
+from handlers.health import service_health
 from handlers.jobs import ResetStuckJobs
 from handlers.registry import Registry
 from handlers.router import Router
 from handlers.slack import SlackNotifier, group_members
 from services.access import RoleResolver
 from services.approvals import ApprovalEngine
+from services.backup.runner import BackupRunner
 from services.errors import InventoryError
 from services.inventory import LoadedInventory, load_inventory
 from services.locks import ServiceLocks, open_locks
@@ -124,9 +128,12 @@ async def build_container(
             timezone=loaded.inventory.timezone,
             observe=metrics.observe_approval,
         )
+        # Relative backup directories are relative to the inventory file (or, for an inventory
+        # given in memory, to the state directory).
+        base_dir = Path(settings.config).parent if inventory is None else Path(settings.state_dir)
+        backups = BackupRunner(store, loaded.inventory, locks, redactor, base_dir=base_dir, http=http)
+        stack.push_async_callback(backups.close)
         engine.register("jobs reset-stuck", ResetStuckJobs(loaded.inventory, redactor))
-        registry = load_registry()
-        _check_approval_commands(registry, engine, loaded)
         deps = Deps(
             loaded=loaded,
             store=store,
@@ -134,9 +141,13 @@ async def build_container(
             redactor=redactor,
             roles=roles,
             approvals=engine,
+            backups=backups,
             observe_probe=metrics.observe_probe,
             observe_command=metrics.observe_command,
         )
+        engine.register("restore", RestoreBackup(backups, lambda service: service_health(deps, service)))
+        registry = load_registry()
+        _check_approval_commands(registry, engine, loaded)
         if slack is not None:
             deps.notifier = SlackNotifier(slack, engine, loaded.inventory.ops_channel)
         router = Router(registry)

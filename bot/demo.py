@@ -1,5 +1,5 @@
 """`opsbot demo`: zero setup, no tokens. A sample app on loopback, a demo SQLite database, SQLite
-state, and `/ops health all` through the console."""
+state, and `/ops health all`, a verified backup and the audit log through the console."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ roles:
   viewer: ["*"]
 health:
   deadline: 10
+backups:
+  destinations:
+    local:
+      type: directory
+      path: {backups}
+  retention:
+    keep_last: 3
 services:
   ecommerce-agent:
     description: FastAPI agent with SQLite (runbook 004), here the built-in sample app
@@ -65,7 +72,7 @@ async def demo_world(root: Path) -> AsyncIterator[LoadedInventory]:
     try:
         db = root / "shop.sqlite3"
         create_demo_database(db)
-        text = DEMO_INVENTORY.format(url=url, db=db)
+        text = DEMO_INVENTORY.format(url=url, db=db, backups=root / "backups")
         yield parse_inventory(text, "demo inventory", env={})
     finally:
         await runner.cleanup()
@@ -84,9 +91,19 @@ async def run_demo(
             )
             console = Console(container, user=None, out=out)
             await console.show("/ops health all")
+            await console.show("/ops backup ecommerce-agent db")
+            newest = (
+                await container.deps.backups.newest_good("ecommerce-agent", "db") if container.deps.backups else None
+            )
+            if newest is not None:
+                await console.show(f"/ops backup verify {newest.id}")
+            await console.show("/ops backup list ecommerce-agent")
             await console.show("/ops audit --limit 3")
             if interactive:
-                out.write("\nTry `/ops help`, `/ops health ecommerce-agent`, `/ops audit`, or `/ops hleath`.\n")
+                out.write(
+                    "\nTry `/ops help`, `/ops health ecommerce-agent`, `/ops backup list ecommerce-agent`, "
+                    "`/ops audit`, or `/ops hleath`.\n"
+                )
                 await console.loop(stdin)
             else:
                 out.write(

@@ -203,6 +203,13 @@ async def sweep(deps: Deps) -> None:
             f"{'was interrupted' if approval.state is S.INTERRUPTED else 'never started'}: "
             f"{approval.result.splitlines()[0] if approval.result else ''}",
         )
+    if deps.backups is not None:
+        for record in await deps.backups.sweep():
+            await deps.notifier.announce(
+                None,
+                f":warning: Backup `{record.id}` of {record.service}/{record.component} was interrupted "
+                "(the bot stopped while writing it); it is marked failed and is not restorable.",
+            )
 
 
 async def sweeper(deps: Deps, every: float, stop: asyncio.Event) -> None:

@@ -107,6 +107,10 @@ _CONSOLE_EMOJI = {
     ":hourglass_flowing_sand:": "⏳",
     ":warning:": "⚠️ ",
     ":thread:": "🧵",
+    ":white_check_mark:": "✅",
+    ":x:": "❌",
+    ":rotating_light:": "🚨",
+    ":hourglass:": "⌛",
 }
 _MRKDWN_BOLD = re.compile(r"(?<![\w*])\*(\S(?:[^*\n]*\S)?)\*(?![\w*])")
 

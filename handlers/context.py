@@ -12,6 +12,7 @@ import structlog
 
 from services.access import RoleResolver
 from services.approvals import ApprovalEngine
+from services.backup.runner import BackupRunner
 from services.health import HealthProbe, InFlightProbes, ProbeObserver, Status, Target
 from services.inventory import Inventory, LoadedInventory, Role
 from services.redaction import Redactor
@@ -21,6 +22,7 @@ log = structlog.get_logger(__name__)
 
 Block = dict[str, Any]
 Progress = Callable[[str], Awaitable[None]]
+Live = Callable[[str, list[Block]], Awaitable[None]]
 CommandObserver = Callable[[str, str, float], None]
 
 
@@ -89,6 +91,7 @@ class Deps:
     roles: RoleResolver
     approvals: ApprovalEngine
     notifier: Notifier = field(default_factory=SilentNotifier)
+    backups: BackupRunner | None = None
     observe_probe: ProbeObserver | None = None
     observe_command: CommandObserver | None = None
     in_flight: InFlightProbes = field(default_factory=InFlightProbes)
@@ -113,6 +116,7 @@ class OpsContext:
     deps: Deps
     interface: str = "slack"
     progress: Progress | None = None
+    live: Live | None = None
 
     async def tell(self, text: str) -> None:
         """A short note to the caller alone while a slow command works (never fails the command)."""
@@ -122,6 +126,16 @@ class OpsContext:
             await self.progress(text)
         except Exception:
             log.warning("progress_note_failed", exc_info=True)
+
+    async def show(self, text: str, blocks: list[Block]) -> None:
+        """Post, then edit, this request's one public status message (a backup's progress); the
+        final reply replaces it. Never fails the command."""
+        if self.live is None:
+            return
+        try:
+            await self.live(text, blocks)
+        except Exception:
+            log.warning("live_message_failed", exc_info=True)
 
 
 @dataclass
@@ -136,3 +150,4 @@ class Reply:
     status: Status | None = None
     outcome: str = "ok"
     approval_id: str | None = None
+    detail: str = ""  # for the audit log, when the outcome needs explaining (which backups failed)

@@ -9,7 +9,7 @@ from collections import Counter
 from pydantic import Field
 
 from handlers import blocks as bk
-from handlers.context import Block, OpsContext, Reply
+from handlers.context import Block, Deps, OpsContext, Reply
 from handlers.registry import CommandArgs, clip_token, subcommand
 from services.access import Risk
 from services.errors import CommandError
@@ -70,6 +70,20 @@ async def health(ctx: OpsContext, args: HealthArgs) -> Reply:
         )
     report = await check
     return render_health(report, "all services" if scope == "all" else scope)
+
+
+async def service_health(deps: Deps, service: str) -> tuple[Status, list[str]]:
+    """Fresh probes of one service (none shared with checks begun earlier): its status and problems."""
+    report = await check_health(
+        targets_for(deps.inventory, service), deps.probe_for, deadline=deps.inventory.health.deadline,
+        redactor=deps.redactor, observe=deps.observe_probe,
+    )  # fmt: skip
+    problems = [
+        f"{item.target.component}: {item.result.status.label} — {item.result.detail}"
+        for item in report.items
+        if item.result.status is not Status.HEALTHY
+    ]
+    return report.status, problems
 
 
 def _emoji(item: ComponentHealth) -> str:

@@ -10,7 +10,7 @@ import structlog
 
 from handlers import blocks as bk
 from handlers.approvals import approval_reply
-from handlers.context import Deps, OpsContext, Progress, Reply
+from handlers.context import Deps, Live, OpsContext, Progress, Reply
 from handlers.registry import Registry, Subcommand, clip_token, parse_args, tokenize
 from services.access import describe
 from services.approvals import Plan
@@ -65,6 +65,7 @@ class Router:
         request_id: str | None = None,
         interface: str = "slack",
         progress: Progress | None = None,
+        live: Live | None = None,
     ) -> Reply:
         request_id = request_id or new_request_id()
         started = time.perf_counter()
@@ -95,7 +96,7 @@ class Router:
                     if command.risk.needs_approval and interface == "slack":
                         deps.approvals.check_channel(command.risk, channel_id)  # before any planning
                     service = getattr(args, "service", None)
-                    ctx = OpsContext(user_id, channel_id, request_id, roles, deps, interface, progress)
+                    ctx = OpsContext(user_id, channel_id, request_id, roles, deps, interface, progress, live)
                     log.info("command_started", args=args_text)
                     result = await command.func(ctx, args)
                     if isinstance(result, Plan):
@@ -112,6 +113,7 @@ class Router:
                         detail = f"approval {approval.id} pending"
                     else:
                         reply = result
+                        outcome, detail = reply.outcome, reply.detail
             except CommandError as exc:
                 outcome, detail = exc.outcome, exc.message
                 log.info("command_refused", outcome=outcome, reason=deps.redactor.redact(exc.message))

@@ -14,7 +14,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from handlers import blocks as bk
 from handlers.approvals import ACTION_IDS, approval_blocks, approval_text, decide
 from handlers.blocks import OutMessage, messages_for
-from handlers.context import Deps, Reply
+from handlers.context import Block, Deps, Reply
 from handlers.router import Router, new_request_id
 from services.approvals import ApprovalEngine
 from services.errors import CommandError
@@ -35,15 +35,53 @@ async def group_members(client: AsyncWebClient, group_id: str) -> frozenset[str]
     return frozenset(users)
 
 
-async def deliver(client: AsyncWebClient, respond: AsyncRespond, channel_id: str, reply: Reply) -> str | None:
+class LiveMessage:
+    """The one public message a long command keeps current (a backup's progress): posted on the first
+    update, edited on the next ones, and replaced by the command's reply at the end."""
+
+    def __init__(self, client: AsyncWebClient, channel_id: str) -> None:
+        self.client = client
+        self.channel_id = channel_id
+        self.ts: str | None = None
+        self.unavailable = False
+
+    async def __call__(self, text: str, blocks: list[Block]) -> None:
+        if self.unavailable:
+            return
+        if self.ts is not None:
+            await self.client.chat_update(channel=self.channel_id, ts=self.ts, text=text, blocks=blocks)
+            return
+        try:
+            response = await self.client.chat_postMessage(
+                channel=self.channel_id, text=text, blocks=blocks, unfurl_links=False
+            )
+        except SlackApiError as exc:
+            if str(exc.response.get("error", "")) not in _FALLBACK_ERRORS:
+                raise
+            self.unavailable = True  # the final reply still arrives through response_url
+            return
+        self.ts = str(response["ts"])
+
+
+async def deliver(
+    client: AsyncWebClient, respond: AsyncRespond, channel_id: str, reply: Reply, live: LiveMessage | None = None
+) -> str | None:
     """Post a reply: ephemeral ones through response_url; public ones to the channel, overflow in
-    the thread. If the bot cannot post in the channel, the reply goes back through response_url.
-    Returns the ts of the channel message, when there is one."""
+    the thread (or as the final edit of the request's live message). If the bot cannot post in the
+    channel, the reply goes back through response_url. Returns the ts of the channel message."""
     messages = messages_for(reply)
     if reply.ephemeral:
         for message in messages:
             await respond(text=message.text, blocks=message.blocks, response_type="ephemeral", replace_original=False)
         return None
+    if live is not None and live.ts is not None:
+        first, *rest = messages
+        await client.chat_update(channel=channel_id, ts=live.ts, text=first.text, blocks=first.blocks)
+        for message in rest:
+            await client.chat_postMessage(
+                channel=channel_id, text=message.text, blocks=message.blocks, thread_ts=live.ts, unfurl_links=False
+            )
+        return live.ts
     try:
         return await _post_threaded(client, channel_id, messages)
     except SlackApiError as exc:
@@ -134,6 +172,7 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
         async def progress(text: str) -> None:
             await respond(text=text, response_type="ephemeral", replace_original=False)
 
+        live = LiveMessage(client, channel_id)
         async with deps.running.track():  # from the ack on, a shutdown waits for this command
             # Bolt notices the ack on its next 10 ms poll: let the 200 go out before this command's
             # work competes with it (and with the acks of a burst of other commands).
@@ -145,9 +184,10 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
                 deps=deps,
                 request_id=request_id,
                 progress=progress,
+                live=live,
             )
             try:
-                ts = await deliver(client, respond, channel_id, reply)
+                ts = await deliver(client, respond, channel_id, reply, live)
                 if ts is not None and reply.approval_id is not None:
                     await deps.store.attach_approval_message(reply.approval_id, channel_id, ts)
             except Exception:

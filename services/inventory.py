@@ -177,6 +177,37 @@ class ComposeComponent(ComponentBase):
     services: list[str] = Field(default_factory=list)
 
 
+class FilesComponent(ComponentBase):
+    """Files and directories kept as they are (uploads/, config files): backed up as a tar."""
+
+    type: Literal["files"]
+    paths: list[Path] = Field(min_length=1, description="Absolute files or directories to back up.")
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not path.is_absolute():
+                raise ValueError(f"{path}: must be an absolute path")
+        return value
+
+
+class CloudSqlComponent(ComponentBase):
+    """A Cloud SQL instance whose managed backups opsbot lists, creates and restores (runbook 000)."""
+
+    type: Literal["cloudsql"]
+    project: str = Field(pattern=r"^[a-z][a-z0-9:.-]{3,62}$")
+    instance: str = Field(pattern=r"^[a-z][a-z0-9-]{0,97}$")
+    api_url: AnyHttpUrl = Field(
+        AnyHttpUrl("https://sqladmin.googleapis.com"), description="Cloud SQL Admin API base URL."
+    )
+    access_token: SecretStr | None = Field(
+        None, description="OAuth access token, usually ${VAR}; default: Google application default credentials."
+    )
+    operation_timeout: float = Field(1800.0, gt=0, description="Seconds to wait for a backup or restore operation.")
+    poll_seconds: float = Field(2.0, gt=0, le=60, description="Seconds between checks of a running operation.")
+
+
 Component = Annotated[
     HttpComponent
     | PostgresComponent
@@ -187,15 +218,79 @@ Component = Annotated[
     | CloudRunComponent
     | LambdaComponent
     | RenderComponent
-    | ComposeComponent,
+    | ComposeComponent
+    | FilesComponent
+    | CloudSqlComponent,
     Field(discriminator="type"),
 ]
+
+
+class Retention(_Model):
+    """Which good backups of one component to keep; a backup is kept if either rule keeps it, and the
+    newest good backup is always kept."""
+
+    keep_last: int | None = Field(7, ge=1, le=10000, description="Keep the newest N good backups.")
+    keep_days: int | None = Field(None, ge=1, le=36500, description="Keep good backups younger than N days.")
+
+
+class DirectoryDestination(_Model):
+    type: Literal["directory"]
+    path: Path = Field(description="Directory for backups; relative paths are relative to the inventory file.")
+
+
+class S3Destination(_Model):
+    type: Literal["s3"]
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    prefix: str = Field("", pattern=r"^([A-Za-z0-9._-]+/)*$", description='Key prefix ending in "/", e.g. "opsbot/".')
+    region: str | None = None
+    endpoint_url: AnyHttpUrl | None = Field(None, description="For S3-compatible stores (MinIO, R2, …).")
+    part_size_mb: int = Field(8, ge=5, le=512, description="Multipart upload part size.")
+    timeout: float = Field(30.0, gt=0, le=600, description="Seconds one S3 request may take.")
+
+
+DestinationSpec = Annotated[DirectoryDestination | S3Destination, Field(discriminator="type")]
+
+
+def _default_destinations() -> dict[str, DestinationSpec]:
+    return {"local": DirectoryDestination(type="directory", path=Path("backups"))}
+
+
+class BackupSettings(_Model):
+    """Where backups go, how they are compressed, how many are kept and how often one is expected."""
+
+    destinations: dict[Name, DestinationSpec] = Field(
+        default_factory=_default_destinations, description="Named places backups are written to."
+    )
+    destination: Name = Field("local", description="The destination used unless a service names another.")
+    compression: Literal["zstd", "gzip", "none"] = "zstd"
+    retention: Retention = Field(default_factory=Retention)
+    expected_every_hours: float = Field(
+        26.0, gt=0, description="/ops backup list warns when the newest good backup is older than this."
+    )
+    stall_timeout: float = Field(300.0, gt=0, description="Seconds a dump may go without producing a byte.")
+    pg_bin: Path | None = Field(None, description="Directory of pg_dump/pg_restore (default: found on PATH).")
+
+    @model_validator(mode="after")
+    def _known_destination(self) -> BackupSettings:
+        if self.destination not in self.destinations:
+            known = sorted(self.destinations)
+            raise ValueError(f"destination {self.destination!r} is not one of destinations: {known}")
+        return self
+
+
+class ServiceBackup(_Model):
+    """A service's own backup policy; unset fields keep the inventory-wide `backups:` setting."""
+
+    destination: Name | None = None
+    retention: Retention | None = None
+    expected_every_hours: float | None = Field(None, gt=0)
 
 
 class Service(_Model):
     description: str = ""
     runbook: str | None = Field(None, description="Which runbook this service follows.")
     components: dict[Name, Component] = Field(min_length=1)
+    backup: ServiceBackup = Field(default_factory=ServiceBackup)
 
 
 class Roles(_Model):
@@ -252,6 +347,7 @@ class Inventory(_Model):
     roles: Roles = Field(default_factory=Roles)
     health: HealthSettings = Field(default_factory=HealthSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
+    backups: BackupSettings = Field(default_factory=BackupSettings)
     services: dict[Name, Service] = Field(min_length=1)
 
     @field_validator("timezone")
@@ -297,7 +393,20 @@ def _expand(node: Any, path: str, env: Mapping[str, str], problems: list[str], u
 
 
 _TAGS = frozenset(
-    {"http", "postgres", "redis", "mongodb", "qdrant", "sqlite", "cloudrun", "lambda", "render", "compose"}
+    {
+        "http",
+        "postgres",
+        "redis",
+        "mongodb",
+        "qdrant",
+        "sqlite",
+        "cloudrun",
+        "lambda",
+        "render",
+        "compose",
+        "files",
+        "cloudsql",
+    }
 )
 
 
@@ -314,7 +423,14 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 def _cross_checks(inventory: Inventory) -> list[str]:
     """Problems no single field shows: settings that contradict each other."""
     deadline = inventory.health.deadline
-    return [
+    destinations = inventory.backups.destinations
+    problems = [
+        f"services.{name}.backup.destination: {service.backup.destination!r} is not one of "
+        f"backups.destinations: {sorted(destinations)}"
+        for name, service in inventory.services.items()
+        if service.backup.destination is not None and service.backup.destination not in destinations
+    ]
+    return problems + [
         f"services.{s}.components.{c}.timeout: {spec.timeout:g} s is longer than health.deadline "
         f"({deadline:g} s), so /ops health would always cut it off"
         for s, c, spec in inventory.components()

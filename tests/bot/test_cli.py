@@ -138,7 +138,9 @@ async def test_demo_runs_health_and_exits_without_a_terminal() -> None:
     assert code == 0, err
     assert "Health of all services: warning" in out
     assert "llm: degraded" in out
-    assert "Audit: last 1 event(s)" in out and "health all` → ok" in out  # the health check was audited
+    assert "1 backup(s) done" in out and "is good: sha256 matches" in out  # backed up, verified
+    assert "integrity_check ok: 2 tables, 700 rows" in out
+    assert "Audit: last 3 event(s)" in out and "backup verify" in out  # the commands were audited
     assert "Traceback" not in err
 
 
@@ -325,4 +327,6 @@ def test_config_check_refuses_an_approval_rule_for_an_unknown_command(
     )
     assert config_check(path) == 1
     err = capsys.readouterr().err
-    assert "approvals.commands.jobs reset: not a command that needs approval (those are: jobs reset-stuck)" in err
+    assert (
+        "approvals.commands.jobs reset: not a command that needs approval (those are: jobs reset-stuck, restore)" in err
+    )
