@@ -1,7 +1,7 @@
 """Does `/ops backup` stream? Peak memory of the bot and throughput beside a plain pg_dump | gzip.
 
 Starts a throwaway PostgreSQL cluster, fills databases of the given sizes (default 256 MB and
-1 GB of table data), then for each size runs, in turn:
+1.1 GB of table data), then for each size runs, in turn:
 
 - the baseline: ``pg_dump -Fc <db> | gzip > file`` (shell pipeline, as the runbooks do it);
 - the bot as cron runs it: ``opsbot run "backup bench db"`` with gzip, then with zstd (the default).
@@ -12,7 +12,7 @@ pg_dump child is a separate process) and the dump time the manifest records (wit
 bot takes to start). Targets: peak RSS under 150 MB and flat across sizes; throughput >= 0.8x the
 baseline's.
 
-    uv run python -m bench.backup_stream [--sizes-mb 256,1024]
+    uv run python -m bench.backup_stream [--sizes-mb 256,1100]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ async def fill(server: PostgresServer, size_mb: int) -> tuple[str, int]:
         for start in range(0, rows, step):
             await conn.execute(
                 "INSERT INTO events SELECT n, n % 17, now() - n * interval '1 second',"
-                " md5(n::text) || ' ' || md5((n * 31)::text) || ' ' || repeat(chr(65 + n % 26), 60)"
+                " md5(n::text) || ' ' || md5((n * 31)::text) || ' ' || repeat(chr(65 + (n % 26)::int), 60)"
                 " || ' ' || md5((n * 7)::text) FROM generate_series($1::bigint, $2::bigint) n",
                 start + 1,
                 min(rows, start + step),
@@ -107,7 +107,7 @@ def mb(n: float) -> str:
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes-mb", default="256,1024")
+    parser.add_argument("--sizes-mb", default="256,1100")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes_mb.split(",")]
     print(f"backup_stream: databases of {sizes} MB of table data; cpu count {os.cpu_count()}")

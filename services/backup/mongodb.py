@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar, cast
+from typing import IO, Any, BinaryIO, TypeVar, cast
 
 import bson
 import pymongo
@@ -106,53 +106,51 @@ class _Event:
     documents: list[RawBSONDocument] | None = None
 
 
-def _restore_events(source: BinaryIO) -> Iterator[_Event]:
-    """Runs in a worker thread: the archive as metadata and batches of raw documents."""
+def _archive_files(source: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, str, str, IO[bytes]]]:
+    """The regular files of a dump archive, read once in order: (member, collection, suffix, data).
+    The archive's end padding is checked after the last one."""
     with tarfile.open(fileobj=source, mode="r|") as tar:
         for member in tar:
             if not member.isreg():
                 continue
             collection, suffix = _split_member(member.name)
             data = tar.extractfile(member)
-            if data is None:
-                continue
-            if suffix == _METADATA:
-                if member.size > _METADATA_LIMIT:
-                    raise ValueError(f"{member.name} is too big for a metadata file")
-                yield _Event(collection, metadata=json_util.loads(data.read()))
-                continue
-            batch: list[RawBSONDocument] = []
-            size = 0
-            for document in bson.decode_file_iter(data, _RAW):
-                batch.append(document)
-                size += len(document.raw)
-                if size >= _BATCH_BYTES or len(batch) >= _BATCH_DOCS:
-                    yield _Event(collection, documents=batch)
-                    batch, size = [], 0
-            yield _Event(collection, documents=batch)
+            if data is not None:
+                yield member, collection, suffix, data
         read_to_end(cast(BinaryIO, tar.fileobj), padding_only=True)
+
+
+def _restore_events(source: BinaryIO) -> Iterator[_Event]:
+    """Runs in a worker thread: the archive as metadata and batches of raw documents."""
+    for member, collection, suffix, data in _archive_files(source):
+        if suffix == _METADATA:
+            if member.size > _METADATA_LIMIT:
+                raise ValueError(f"{member.name} is too big for a metadata file")
+            yield _Event(collection, metadata=json_util.loads(data.read()))
+            continue
+        batch: list[RawBSONDocument] = []
+        size = 0
+        for document in bson.decode_file_iter(data, _RAW):
+            batch.append(document)
+            size += len(document.raw)
+            if size >= _BATCH_BYTES or len(batch) >= _BATCH_DOCS:
+                yield _Event(collection, documents=batch)
+                batch, size = [], 0
+        yield _Event(collection, documents=batch)
 
 
 def _survey(source: BinaryIO) -> tuple[dict[str, int], set[str]]:
     """Runs in a worker thread: every document decoded, every metadata parsed; counts per collection."""
     counts: dict[str, int] = {}
     described: set[str] = set()
-    with tarfile.open(fileobj=source, mode="r|") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            collection, suffix = _split_member(member.name)
-            data = tar.extractfile(member)
-            if data is None:
-                continue
-            if suffix == _METADATA:
-                document = json_util.loads(data.read(_METADATA_LIMIT))
-                if not isinstance(document, dict) or not isinstance(document.get("indexes", []), list):
-                    raise ValueError(f"{member.name} is not collection metadata")
-                described.add(collection)
-            else:
-                counts[collection] = sum(1 for _ in bson.decode_file_iter(data, _FULL))
-        read_to_end(cast(BinaryIO, tar.fileobj), padding_only=True)
+    for member, collection, suffix, data in _archive_files(source):
+        if suffix == _METADATA:
+            document = json_util.loads(data.read(_METADATA_LIMIT))
+            if not isinstance(document, dict) or not isinstance(document.get("indexes", []), list):
+                raise ValueError(f"{member.name} is not collection metadata")
+            described.add(collection)
+        else:
+            counts[collection] = sum(1 for _ in bson.decode_file_iter(data, _FULL))
     return counts, described
 
 

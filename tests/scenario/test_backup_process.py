@@ -10,14 +10,13 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
-
 from services.backup.runner import BackupRunner
 from services.inventory import load_inventory
 from services.locks import LocalLocks
 from services.redaction import Redactor
 from services.state import BackupState, open_state_store
 from tests.fixtures.servers import PostgresServer
+from tests.scenario.test_backups import make_db
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "Kill-Me-Not-pw-77"
@@ -25,16 +24,6 @@ BIG_SQL = """
 CREATE TABLE big AS
 SELECT n, md5(n::text) || md5((n * 3)::text) || md5((n * 7)::text) AS pad FROM generate_series(1, 600000) n;
 """
-
-
-async def make_db(server: PostgresServer, sql: str) -> str:
-    dsn = server.dsn(await server.create_database(), password=PASSWORD)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-    return dsn
 
 
 def write_inventory(tmp_path: Path) -> Path:
@@ -83,7 +72,7 @@ def cmdlines_of_children(pid: int) -> list[str]:
 
 
 async def test_opsbot_run_backs_up_and_exits_zero(tmp_path: Path, postgres_server: PostgresServer) -> None:
-    dsn = await make_db(postgres_server, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);")
+    dsn = await make_db(postgres_server, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);", PASSWORD)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot.cli", "run", "backup shop db", env=env_for(tmp_path, dsn), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -99,7 +88,7 @@ async def test_opsbot_run_backs_up_and_exits_zero(tmp_path: Path, postgres_serve
 async def test_a_backup_killed_half_way_leaves_nothing_that_looks_good(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
-    dsn = await make_db(postgres_server, BIG_SQL)
+    dsn = await make_db(postgres_server, BIG_SQL, PASSWORD)
     env = env_for(tmp_path, dsn)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot.cli", "run", "backup shop db", env=env, cwd=ROOT,

@@ -52,8 +52,9 @@ services:
 """
 
 
-async def make_db(server: PostgresServer, sql: str) -> str:
-    dsn = server.dsn(await server.create_database(), password=PASSWORD)
+async def make_db(server: PostgresServer, sql: str, password: str = PASSWORD) -> str:
+    """A fresh database holding ``sql``; its DSN carries ``password`` (the test cluster trusts all)."""
+    dsn = server.dsn(await server.create_database(), password=password)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(sql)
