@@ -199,6 +199,37 @@ class JobsClient:
         log.info("reset %d stuck job(s) in %s: %s", len(reset), spec.table, ", ".join(reset) or "none")
         return reset
 
+    async def processing_count(self) -> int:
+        """How many jobs are in processing now, stuck or not (safe-stop waits for this to reach 0)."""
+        async with self._session() as (conn, table):
+            count = await conn.fetchval(
+                f"select count(*) from {table.relation} where {table.status} = $1",  # noqa: S608 (quoted identifiers)
+                self._spec.processing_value,
+            )
+        return int(count)
+
+    async def reset_processing(self, message: str) -> list[str]:
+        """Put every job in processing back to pending, however recent, in one transaction; returns their ids.
+
+        For safe-stop: once the workers are being stopped, no job in processing will finish.
+        """
+        spec = self._spec
+        async with self._session() as (conn, table), conn.transaction():
+            assignments = [f"{table.status} = $1", f"{table.started} = null"]
+            args: list[Any] = [spec.pending_value, spec.processing_value]
+            if table.error is not None:
+                # An explicit cast to varchar(n) cuts a long message instead of failing the reset.
+                assignments.append(f"{table.error} = $3::{table.error_type}")
+                args.append(message)
+            rows = await conn.fetch(
+                f"update {table.relation} set {', '.join(assignments)} "  # noqa: S608
+                f"where {table.status} = $2 returning {table.id}::text as id",
+                *args,
+            )
+        reset = sorted((str(r["id"]) for r in rows), key=_sort_key)
+        log.info("reset %d processing job(s) in %s: %s", len(reset), spec.table, ", ".join(reset) or "none")
+        return reset
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _say(self, exc: BaseException) -> str:
