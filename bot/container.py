@@ -21,6 +21,7 @@ from bot.state import open_store
 from handlers.backup import RestoreBackup
 from handlers.commands import load_registry, policy_problems
 from handlers.context import Deps
+from handlers.deploy import register_actions
 from handlers.health import service_health
 from handlers.jobs import ResetStuckJobs
 from handlers.registry import Registry
@@ -29,6 +30,7 @@ from handlers.slack import SlackNotifier, group_members
 from services.access import RoleResolver
 from services.approvals import ApprovalEngine
 from services.backup.runner import BackupRunner
+from services.deploy.providers import DeployProviders
 from services.errors import InventoryError
 from services.inventory import LoadedInventory, load_inventory
 from services.locks import ServiceLocks, open_locks
@@ -133,6 +135,8 @@ async def build_container(
         base_dir = Path(settings.config).parent if inventory is None else Path(settings.state_dir)
         backups = BackupRunner(store, loaded.inventory, locks, redactor, base_dir=base_dir, http=http)
         stack.push_async_callback(backups.close)
+        deploys = DeployProviders(http)
+        stack.push_async_callback(deploys.close)
         engine.register("jobs reset-stuck", ResetStuckJobs(loaded.inventory, redactor))
         deps = Deps(
             loaded=loaded,
@@ -142,10 +146,12 @@ async def build_container(
             roles=roles,
             approvals=engine,
             backups=backups,
+            deploys=deploys,
             observe_probe=metrics.observe_probe,
             observe_command=metrics.observe_command,
         )
         engine.register("restore", RestoreBackup(backups, lambda service: service_health(deps, service)))
+        register_actions(engine, loaded.inventory, deploys, lambda service: service_health(deps, service), redactor)
         registry = load_registry()
         _check_approval_commands(registry, engine, loaded)
         if slack is not None:

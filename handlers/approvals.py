@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import structlog
 from pydantic import Field
@@ -35,6 +36,11 @@ _STATE_LINE = {
     S.CANCELLED: ":heavy_minus_sign: *Cancelled*",
     S.EXPIRED: ":heavy_minus_sign: *Expired*",
 }
+
+
+# Extra buttons under a finished approval of one action (a failed rollback's roll-forward),
+# registered by the command's module: action -> block or None.
+FOLLOWUPS: dict[str, Callable[[Approval], Block | None]] = {}
 
 
 def _confirm(approval: Approval) -> dict[str, object]:
@@ -129,6 +135,8 @@ def approval_blocks(engine: ApprovalEngine, approval: Approval, note: str | None
         blocks.append(bk.section(bk.escape(approval.result.splitlines()[0])))
     if approval.state is S.PENDING:
         blocks.append(_buttons(approval))
+    elif approval.state.final and (followup := FOLLOWUPS.get(approval.action)) and (extra := followup(approval)):
+        blocks.append(extra)
     return blocks
 
 

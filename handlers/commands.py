@@ -1,10 +1,10 @@
 """Imports every command module so that their ``@subcommand`` declarations are registered."""
 
-from handlers import approvals, audit, backup, health, help, jobs
+from handlers import approvals, audit, backup, deploy, health, help, jobs
 from handlers.registry import Registry, registry
 from services.inventory import Inventory
 
-__all__ = ["approvals", "audit", "backup", "health", "help", "jobs", "load_registry", "policy_problems"]
+__all__ = ["approvals", "audit", "backup", "deploy", "health", "help", "jobs", "load_registry", "policy_problems"]
 
 
 def load_registry() -> Registry:

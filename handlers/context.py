@@ -13,6 +13,7 @@ import structlog
 from services.access import RoleResolver
 from services.approvals import ApprovalEngine
 from services.backup.runner import BackupRunner
+from services.deploy.providers import DeployProviders
 from services.health import HealthProbe, InFlightProbes, ProbeObserver, Status, Target
 from services.inventory import Inventory, LoadedInventory, Role
 from services.redaction import Redactor
@@ -92,6 +93,7 @@ class Deps:
     approvals: ApprovalEngine
     notifier: Notifier = field(default_factory=SilentNotifier)
     backups: BackupRunner | None = None
+    deploys: DeployProviders | None = None
     observe_probe: ProbeObserver | None = None
     observe_command: CommandObserver | None = None
     in_flight: InFlightProbes = field(default_factory=InFlightProbes)

@@ -15,6 +15,7 @@ from handlers import blocks as bk
 from handlers.approvals import ACTION_IDS, approval_blocks, approval_text, decide
 from handlers.blocks import OutMessage, messages_for
 from handlers.context import Block, Deps, Reply
+from handlers.deploy import CLICK_COMMANDS
 from handlers.router import Router, new_request_id
 from services.approvals import ApprovalEngine
 from services.errors import CommandError
@@ -166,32 +167,31 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
         ack: AsyncAck, command: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond
     ) -> None:
         await ack()  # Slack wants an answer within 3 s; everything slow happens after this.
-        request_id = new_request_id()
+        user = str(command.get("user_id", ""))
         channel_id = str(command.get("channel_id", ""))
+        await serve_command(deps, router, client, respond, user, channel_id, str(command.get("text", "")))
 
-        async def progress(text: str) -> None:
-            await respond(text=text, response_type="ephemeral", replace_original=False)
-
-        live = LiveMessage(client, channel_id)
-        async with deps.running.track():  # from the ack on, a shutdown waits for this command
-            # Bolt notices the ack on its next 10 ms poll: let the 200 go out before this command's
-            # work competes with it (and with the acks of a burst of other commands).
-            await asyncio.sleep(ACK_HEADSTART)
-            reply = await router.dispatch(
-                user_id=str(command.get("user_id", "")),
-                channel_id=channel_id,
-                text=str(command.get("text", "")),
-                deps=deps,
-                request_id=request_id,
-                progress=progress,
-                live=live,
-            )
-            try:
-                ts = await deliver(client, respond, channel_id, reply, live)
-                if ts is not None and reply.approval_id is not None:
-                    await deps.store.attach_approval_message(reply.approval_id, channel_id, ts)
-            except Exception:
-                log.exception("reply_delivery_failed", request_id=request_id)
+    @app.action(re.compile("^(" + "|".join(CLICK_COMMANDS) + ")$"))
+    async def command_click(
+        ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond
+    ) -> None:
+        """A click that asks for a command (a release picked from a menu, a roll-forward): it runs as if
+        the clicker had typed it, with the same role checks, plan and approval."""
+        await ack()
+        user = str((body.get("user") or {}).get("id", ""))
+        where = body.get("channel") or {}
+        channel_id = str(where.get("id") or (body.get("container") or {}).get("channel_id", ""))
+        try:
+            text = await CLICK_COMMANDS[str(action.get("action_id", ""))](deps, action)
+        except CommandError as exc:
+            await respond(text=deps.redactor.redact(exc.message), response_type="ephemeral", replace_original=False)
+            return
+        except Exception:
+            log.exception("command_click_failed", action=str(action.get("action_id", "")))
+            answer = "Sorry — that click failed; the details are in the bot's log."
+            await respond(text=answer, response_type="ephemeral", replace_original=False)
+            return
+        await serve_command(deps, router, client, respond, user, channel_id, text)
 
     @app.action(re.compile("^(" + "|".join(ACTION_IDS) + ")$"))
     async def approval_click(
@@ -208,6 +208,38 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
     async def on_error(error: Exception, body: dict[str, Any]) -> None:
         # Anything that escapes a listener is logged with its traceback; Slack never sees it.
         log.error("listener_error", exc_info=error, payload_type=str(body.get("type", body.get("command", ""))))
+
+
+async def serve_command(
+    deps: Deps,
+    router: Router,
+    client: AsyncWebClient,
+    respond: AsyncRespond,
+    user: str,
+    channel_id: str,
+    text: str,
+) -> None:
+    """Run one /ops command for a Slack user and deliver its reply (a live message while it works)."""
+    request_id = new_request_id()
+
+    async def progress(note: str) -> None:
+        await respond(text=note, response_type="ephemeral", replace_original=False)
+
+    live = LiveMessage(client, channel_id)
+    async with deps.running.track():  # from the ack on, a shutdown waits for this command
+        # Bolt notices the ack on its next 10 ms poll: let the 200 go out before this command's
+        # work competes with it (and with the acks of a burst of other commands).
+        await asyncio.sleep(ACK_HEADSTART)
+        reply = await router.dispatch(
+            user_id=user, channel_id=channel_id, text=text, deps=deps, request_id=request_id,
+            progress=progress, live=live,
+        )  # fmt: skip
+        try:
+            ts = await deliver(client, respond, channel_id, reply, live)
+            if ts is not None and reply.approval_id is not None:
+                await deps.store.attach_approval_message(reply.approval_id, channel_id, ts)
+        except Exception:
+            log.exception("reply_delivery_failed", request_id=request_id)
 
 
 async def on_click(

@@ -150,31 +150,50 @@ class SqliteComponent(ComponentBase):
     path: Path = Field(description="The database file.")
 
 
-class CloudRunComponent(ComponentBase):
+class DeployComponent(ComponentBase):
+    """A platform opsbot deploys to, rolls back and restarts (runbooks 000, 002, 003)."""
+
+    settle_seconds: float = Field(
+        10.0, ge=0, le=600, description="Seconds to let a rollback or restart settle before the health checks run."
+    )
+    operation_timeout: float = Field(
+        600.0, gt=0, le=3600, description="Seconds to wait for a deploy, rollback or restart to finish."
+    )
+
+
+class CloudRunComponent(DeployComponent):
     type: Literal["cloudrun"]
-    project: str
-    region: str
-    service: str
+    project: str = Field(pattern=r"^[a-z][a-z0-9:.-]{3,62}$")
+    region: str = Field(pattern=r"^[a-z]+-[a-z]+[0-9]$")
+    service: str = Field(pattern=r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
 
 
-class LambdaComponent(ComponentBase):
+class LambdaComponent(DeployComponent):
     type: Literal["lambda"]
-    function: str
-    alias: str = "live"
-    region: str = "us-east-1"
+    function: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    alias: str = Field("live", pattern=r"^[A-Za-z_-][A-Za-z0-9_-]{0,127}$")
+    region: str = Field("us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+    endpoint_url: AnyHttpUrl | None = Field(None, description="For a Lambda-compatible endpoint (tests: moto).")
 
 
-class RenderComponent(ComponentBase):
+class RenderComponent(DeployComponent):
     type: Literal["render"]
     service_id: str = Field(pattern=r"^srv-[a-z0-9]+$")
     api_key: SecretStr
+    api_url: AnyHttpUrl = Field(AnyHttpUrl("https://api.render.com/v1"), description="Render API base URL.")
+    poll_seconds: float = Field(5.0, gt=0, le=60, description="Seconds between checks of a running deploy.")
 
 
-class ComposeComponent(ComponentBase):
+class ComposeComponent(DeployComponent):
     type: Literal["compose"]
     project_dir: Path
-    project_name: str | None = None
+    project_name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     services: list[str] = Field(default_factory=list)
+    docker: str = Field("docker", description="The docker CLI to run (a name on PATH or an absolute path).")
+    jobs: str | None = Field(
+        None, description="A postgres component of the same service whose jobs table safe-stop/safe-start use."
+    )
+    grace_seconds: float = Field(60.0, ge=0, le=3600, description="safe-stop: how long in-flight jobs may finish.")
 
 
 class FilesComponent(ComponentBase):
@@ -420,11 +439,22 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(out)
 
 
+def _has_jobs_table(spec: Component | None) -> bool:
+    return isinstance(spec, PostgresComponent) and spec.jobs is not None
+
+
 def _cross_checks(inventory: Inventory) -> list[str]:
     """Problems no single field shows: settings that contradict each other."""
     deadline = inventory.health.deadline
     destinations = inventory.backups.destinations
     problems = [
+        f"services.{s}.components.{c}.jobs: {spec.jobs!r} is not a postgres component of {s} with a jobs table"
+        for s, c, spec in inventory.components()
+        if isinstance(spec, ComposeComponent)
+        and spec.jobs is not None
+        and not _has_jobs_table(inventory.services[s].components.get(spec.jobs))
+    ]
+    problems += [
         f"services.{name}.backup.destination: {service.backup.destination!r} is not one of "
         f"backups.destinations: {sorted(destinations)}"
         for name, service in inventory.services.items()

@@ -327,6 +327,5 @@ def test_config_check_refuses_an_approval_rule_for_an_unknown_command(
     )
     assert config_check(path) == 1
     err = capsys.readouterr().err
-    assert (
-        "approvals.commands.jobs reset: not a command that needs approval (those are: jobs reset-stuck, restore)" in err
-    )
+    assert "approvals.commands.jobs reset: not a command that needs approval (those are: jobs reset-stuck, " in err
+    assert "lifecycle, restart, restore, rollback, scale)" in err
