@@ -9,7 +9,6 @@ the tests point it at a fake on loopback.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import aiohttp
 import structlog
 
 from services.backup.base import BackupError
+from services.clients import read_json
 from services.failures import network_problem
 from services.redaction import Redactor
 
@@ -27,8 +27,6 @@ log = structlog.get_logger(__name__)
 
 SCOPE = "https://www.googleapis.com/auth/sqlservice.admin"
 API_URL = "https://sqladmin.googleapis.com"
-BODY_LIMIT = 4 * 1024 * 1024
-"""Bytes of an API answer read at most; a bigger one is refused rather than held in memory."""
 
 # Project ids are lowercase letters, digits and hyphens, optionally domain-scoped
 # ("example.com:my-project"); instance names are lowercase letters, digits and hyphens.
@@ -361,7 +359,9 @@ class CloudSqlAdmin:
                     allow_redirects=False,
                 ) as response:
                     status = response.status
-                    payload = await _read_json(response)
+                    payload = await read_json(
+                        response, lambda mib: BackupError(f"the Cloud SQL Admin API answered more than {mib} MiB")
+                    )
             except TimeoutError:
                 raise BackupError(f"the Cloud SQL Admin API did not answer within {self._timeout:g} s") from None
             except (aiohttp.ClientError, OSError) as exc:
@@ -393,20 +393,3 @@ class CloudSqlAdmin:
             return BackupError(f"the Cloud SQL Admin API failed ({status}) twice; try again later")
         detail = f": {message}" if message else ""
         return BackupError(f"the Cloud SQL Admin API refused the request ({status}){detail}")
-
-
-async def _read_json(response: aiohttp.ClientResponse) -> object:
-    """The answer's JSON (None when empty or not JSON), read in bounded chunks."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > BODY_LIMIT:
-            raise BackupError(f"the Cloud SQL Admin API answered more than {BODY_LIMIT // 1024 // 1024} MiB")
-        chunks.append(chunk)
-    if not chunks:
-        return None
-    try:
-        return json.loads(b"".join(chunks))
-    except ValueError:
-        return None

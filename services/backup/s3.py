@@ -17,7 +17,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import boto3  # type: ignore[import-untyped]  # boto3 and botocore ship no type information
 from botocore.config import Config  # type: ignore[import-untyped]
@@ -35,6 +34,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 from services.backup.base import CHUNK, BackupError, Stored, manifest_key
 from services.backup.codec import close_stream
 from services.backup.directory import check_key
+from services.clients import aws_error_code, public_endpoint
 from services.failures import network_problem
 
 log = logging.getLogger(__name__)
@@ -51,22 +51,6 @@ _BAD_CREDENTIALS = {
     "TokenRefreshRequired",
 }
 _T = TypeVar("_T")
-
-
-def _error_code(exc: ClientError) -> str:
-    error = exc.response.get("Error") or {}
-    code = str(error.get("Code") or "")
-    return code or str((exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or "")
-
-
-def _public_endpoint(endpoint_url: str | None) -> str | None:
-    """``scheme://host:port`` of an endpoint URL: no user, password, path or query in messages."""
-    if not endpoint_url:
-        return None
-    parts = urlsplit(endpoint_url)
-    host = parts.hostname or "?"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}" if parts.scheme else f"{host}{port}"
 
 
 class S3Destination:
@@ -94,7 +78,7 @@ class S3Destination:
         self.part_size = part_size
         self._region = region
         self._endpoint_url = endpoint_url
-        self._endpoint = _public_endpoint(endpoint_url)
+        self._endpoint = public_endpoint(endpoint_url)
         self._timeout = timeout
         self._client = client
         self._owns_client = client is None
@@ -159,7 +143,7 @@ class S3Destination:
         """A plain phrase for a botocore error; never its raw text (which may hold URLs)."""
         where = self._endpoint or "S3"
         if isinstance(exc, ClientError):
-            code = _error_code(exc)
+            code = aws_error_code(exc)
             if code == "NoSuchBucket":
                 return f"the bucket {self.bucket} does not exist"
             if code == "NoSuchUpload":
@@ -276,7 +260,7 @@ class S3Destination:
             try:
                 response = client.get_object(Bucket=self.bucket, Key=object_key)
             except ClientError as exc:
-                if _error_code(exc) in _MISSING:
+                if aws_error_code(exc) in _MISSING:
                     return None
                 raise
             with contextlib.closing(response["Body"]) as body:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import boto3  # type: ignore[import-untyped]  # boto3 and botocore ship no type information
 import structlog
@@ -32,6 +31,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
     ReadTimeoutError,
 )
 
+from services.clients import aws_error_code, public_endpoint
 from services.deploy.base import DeployError, Progress, Release
 from services.failures import network_problem
 
@@ -55,22 +55,6 @@ _BAD_CREDENTIALS = {
     "SignatureDoesNotMatch",
 }
 _T = TypeVar("_T")
-
-
-def _error_code(exc: ClientError) -> str:
-    error = exc.response.get("Error") or {}
-    code = str(error.get("Code") or "")
-    return code or str((exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or "")
-
-
-def _public_endpoint(endpoint_url: str | None) -> str | None:
-    """``scheme://host:port`` of an endpoint URL: no user, password, path or query in messages."""
-    if not endpoint_url:
-        return None
-    parts = urlsplit(endpoint_url)
-    host = parts.hostname or "?"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}" if parts.scheme else f"{host}{port}"
 
 
 def _timestamp(value: object) -> datetime | None:
@@ -144,7 +128,7 @@ class LambdaProvider:
         self.region = region
         self._name = function.rsplit(":", 1)[-1]  # for messages: the ARN's account id adds nothing
         self._endpoint_url = endpoint_url
-        self._endpoint = _public_endpoint(endpoint_url)
+        self._endpoint = public_endpoint(endpoint_url)
         self._timeout = timeout
         self._client = client
         self._owns_client = client is None
@@ -204,7 +188,7 @@ class LambdaProvider:
         """A plain phrase for a botocore error; never its raw text."""
         where = self._endpoint or f"AWS Lambda in {self.region}"
         if isinstance(exc, ClientError):
-            code = _error_code(exc)
+            code = aws_error_code(exc)
             if code == "ResourceNotFoundException":
                 return f"the function or its alias {self.alias} does not exist in {self.region}"
             if code in _DENIED:
@@ -304,7 +288,7 @@ class LambdaProvider:
             try:
                 return dict(client.get_function(FunctionName=self.function, Qualifier=version))
             except ClientError as exc:
-                if _error_code(exc) == "ResourceNotFoundException":
+                if aws_error_code(exc) == "ResourceNotFoundException":
                     return None
                 raise
 
@@ -343,7 +327,7 @@ class LambdaProvider:
             try:
                 return dict(client.update_alias(**options))
             except ClientError as exc:
-                if _error_code(exc) == "PreconditionFailedException":
+                if aws_error_code(exc) == "PreconditionFailedException":
                     raise _Drifted from None
                 raise
 

@@ -9,7 +9,6 @@ in the Authorization header: never in a URL, a message or a log line.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
+from services.clients import read_json
 from services.deploy.base import DeployError, Progress, Release
 from services.failures import network_problem
 from services.redaction import Redactor
@@ -27,8 +27,6 @@ from services.redaction import Redactor
 log = structlog.get_logger(__name__)
 
 API_URL = "https://api.render.com/v1"
-BODY_LIMIT = 4 * 1024 * 1024
-"""Bytes of an API answer read at most; a bigger one is refused rather than held in memory."""
 
 _SERVICE_ID = re.compile(r"srv-[a-z0-9]{1,64}")
 _DEPLOY_ID = re.compile(r"dep-[a-z0-9]{1,64}")
@@ -199,7 +197,9 @@ class RenderProvider:
                     allow_redirects=False,  # a redirect must not carry the key anywhere else
                 ) as response:
                     status = response.status
-                    payload = await _read_json(response)
+                    payload = await read_json(
+                        response, lambda mib: DeployError(f"Render's API answered more than {mib} MiB.")
+                    )
             except TimeoutError:
                 raise _Transient(f"Render's API did not answer within {self._timeout:g} s ({what}).") from None
             except (aiohttp.ClientError, OSError) as exc:
@@ -449,20 +449,3 @@ class RenderProvider:
                     raise DeployError(
                         f"{exc.message.rstrip('.')}; the {what} deploy {deploy.id} may still be in progress."
                     ) from None
-
-
-async def _read_json(response: aiohttp.ClientResponse) -> object:
-    """The answer's JSON (None when empty or not JSON), read in bounded chunks."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > BODY_LIMIT:
-            raise DeployError(f"Render's API answered more than {BODY_LIMIT // 1024 // 1024} MiB.")
-        chunks.append(chunk)
-    if not chunks:
-        return None
-    try:
-        return json.loads(b"".join(chunks))
-    except ValueError:
-        return None
