@@ -240,13 +240,17 @@ async def _settle_and_check(
     return await health(service)
 
 
-class RollbackAction:
-    """Runs an approved rollback: preconditions again, the switch, settle, health."""
+class DeployAction:
+    """What every deploy action needs: the inventory, the platform clients, the health check."""
 
     def __init__(self, inventory: Inventory, providers: DeployProviders, health: HealthCheck) -> None:
         self.inventory = inventory
         self.providers = providers
         self.health = health
+
+
+class RollbackAction(DeployAction):
+    """Runs an approved rollback: preconditions again, the switch, settle, health."""
 
     def _provider(self, plan: Plan) -> tuple[Component, ReleaseProvider]:
         component = str(plan.params["component"])
@@ -374,11 +378,8 @@ async def restart(ctx: OpsContext, args: RestartArgs) -> Plan:
     )
 
 
-class RestartAction:
-    def __init__(self, inventory: Inventory, providers: DeployProviders, health: HealthCheck) -> None:
-        self.inventory = inventory
-        self.providers = providers
-        self.health = health
+class RestartAction(DeployAction):
+    """Runs an approved restart: a new revision, a redeploy or compose restart; then health."""
 
     async def observe(self, plan: Plan) -> Mapping[str, str]:
         component = str(plan.params["component"])
@@ -462,11 +463,8 @@ async def scale(ctx: OpsContext, args: ScaleArgs) -> Plan:
     )
 
 
-class ScaleAction:
-    def __init__(self, inventory: Inventory, providers: DeployProviders, health: HealthCheck) -> None:
-        self.inventory = inventory
-        self.providers = providers
-        self.health = health
+class ScaleAction(DeployAction):
+    """Runs an approved scale of a Cloud Run service; then health."""
 
     def _provider(self, plan: Plan) -> tuple[CloudRunComponent, Any]:
         component = str(plan.params["component"])
@@ -540,11 +538,11 @@ async def lifecycle(ctx: OpsContext, args: LifecycleArgs) -> Plan:
     )
 
 
-class LifecycleAction:
+class LifecycleAction(DeployAction):
+    """Runs an approved pause/stop/start/safe-stop/safe-start of a compose stack."""
+
     def __init__(self, inventory: Inventory, providers: DeployProviders, health: HealthCheck, redactor: Any) -> None:
-        self.inventory = inventory
-        self.providers = providers
-        self.health = health
+        super().__init__(inventory, providers, health)
         self.redactor = redactor
 
     def _spec(self, plan: Plan) -> ComposeComponent:
