@@ -1,4 +1,4 @@
-"""The bot's own state (audit log, approvals and their runs, the backup catalog) in SQLite or PostgreSQL."""
+"""The bot's own state (audit log, approvals and runs, backup catalog, schedule runs) in SQLite or PostgreSQL."""
 
 from services.state.base import (
     GENESIS_HASH,
@@ -8,6 +8,7 @@ from services.state.base import (
     AuditRecord,
     BackupRecord,
     BackupState,
+    ScheduleRun,
     StateStore,
     Vote,
     VoteResult,
@@ -26,6 +27,7 @@ __all__ = [
     "BackupRecord",
     "BackupState",
     "PostgresStateStore",
+    "ScheduleRun",
     "SqliteStateStore",
     "StateStore",
     "Vote",

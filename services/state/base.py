@@ -362,6 +362,18 @@ def backup_from_row(row: Any, when: Any) -> BackupRecord:
     )
 
 
+@dataclass(frozen=True)
+class ScheduleRun:
+    """One fire time of one schedule, claimed by the replica that runs it."""
+
+    name: str
+    fire_at: datetime
+    holder: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    outcome: str = ""
+
+
 def utc(value: datetime) -> datetime:
     """``value`` as an aware UTC datetime (naive ones are taken to be UTC)."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -460,6 +472,15 @@ class StateStore(Protocol):
 
     async def delete_backup(self, backup_id: str, *, at: datetime) -> bool:
         """Mark a ``good`` or ``failed`` backup ``deleted`` (retention); False if it was neither."""
+
+    async def claim_schedule_run(self, name: str, fire_at: datetime, *, holder: str, at: datetime) -> bool:
+        """Claim one fire time of a schedule; True for exactly one caller across every replica."""
+
+    async def finish_schedule_run(self, name: str, fire_at: datetime, *, outcome: str, at: datetime) -> None:
+        """Record how a claimed run ended (one line)."""
+
+    async def last_schedule_runs(self) -> dict[str, ScheduleRun]:
+        """The newest claimed run of each schedule."""
 
     async def close(self) -> None:
         """Release connections; the store is unusable afterwards."""

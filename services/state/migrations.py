@@ -274,7 +274,38 @@ _BACKUPS_V3 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1, _APPROVALS_V2, _BACKUPS_V3)
+_SCHEDULES_V4 = Migration(
+    version=4,
+    name="schedule runs (one row per fire time: the lease that makes each run happen once)",
+    sqlite=(
+        """
+        CREATE TABLE schedule_runs (
+            name TEXT NOT NULL,
+            fire_at TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            outcome TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (name, fire_at)
+        )
+        """,
+    ),
+    postgres=(
+        """
+        CREATE TABLE schedule_runs (
+            name text NOT NULL,
+            fire_at timestamptz NOT NULL,
+            holder text NOT NULL,
+            started_at timestamptz NOT NULL,
+            finished_at timestamptz,
+            outcome text NOT NULL DEFAULT '',
+            PRIMARY KEY (name, fire_at)
+        )
+        """,
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1, _APPROVALS_V2, _BACKUPS_V3, _SCHEDULES_V4)
 
 LATEST_VERSION = MIGRATIONS[-1].version
 

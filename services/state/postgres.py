@@ -23,6 +23,7 @@ from services.state.base import (
     AuditRecord,
     BackupRecord,
     BackupState,
+    ScheduleRun,
     Vote,
     VoteResult,
     approval_from_row,
@@ -78,6 +79,17 @@ async def _approval(conn: Any, approval_id: str, *, lock: bool = False) -> Appro
         "SELECT voter, voted_at FROM approval_votes WHERE approval_id = $1 ORDER BY voted_at, voter", approval_id
     )
     return approval_from_row(row.values(), tuple(Vote(v["voter"], utc(v["voted_at"])) for v in votes), _when)
+
+
+def _schedule_run(row: Mapping[str, Any]) -> ScheduleRun:
+    return ScheduleRun(
+        name=row["name"],
+        fire_at=utc(row["fire_at"]),
+        holder=row["holder"],
+        started_at=utc(row["started_at"]),
+        finished_at=_when(row["finished_at"]),
+        outcome=row["outcome"],
+    )
 
 
 class PostgresStateStore:
@@ -397,6 +409,36 @@ class PostgresStateStore:
             [BackupState.GOOD.value, BackupState.FAILED.value],
         )
         return done is not None
+
+    async def claim_schedule_run(self, name: str, fire_at: datetime, *, holder: str, at: datetime) -> bool:
+        """Claim one fire time of a schedule; True for exactly one caller across every replica."""
+        claimed = await self._pool.fetchval(
+            "INSERT INTO schedule_runs (name, fire_at, holder, started_at) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT DO NOTHING RETURNING name",
+            name,
+            fire_at,
+            holder,
+            at,
+        )
+        return claimed is not None
+
+    async def finish_schedule_run(self, name: str, fire_at: datetime, *, outcome: str, at: datetime) -> None:
+        """Record how a claimed run ended."""
+        await self._pool.execute(
+            "UPDATE schedule_runs SET finished_at = $3, outcome = $4 WHERE name = $1 AND fire_at = $2",
+            name,
+            fire_at,
+            at,
+            outcome,
+        )
+
+    async def last_schedule_runs(self) -> dict[str, ScheduleRun]:
+        """The newest claimed run of each schedule."""
+        rows = await self._pool.fetch(
+            "SELECT DISTINCT ON (name) name, fire_at, holder, started_at, finished_at, outcome"
+            " FROM schedule_runs ORDER BY name, fire_at DESC"
+        )
+        return {row["name"]: _schedule_run(row) for row in rows}
 
     async def close(self) -> None:
         """Close the pool, waiting a bounded time for connections in use."""

@@ -25,6 +25,7 @@ from services.state.base import (
     AuditRecord,
     BackupRecord,
     BackupState,
+    ScheduleRun,
     Vote,
     VoteResult,
     approval_from_row,
@@ -475,6 +476,35 @@ class SqliteStateStore:
                 (BackupState.DELETED.value, _ts(at), backup_id, BackupState.GOOD.value, BackupState.FAILED.value),
             )
             return cursor.rowcount == 1
+
+    async def claim_schedule_run(self, name: str, fire_at: datetime, *, holder: str, at: datetime) -> bool:
+        """Claim one fire time of a schedule; True for exactly one caller across every process."""
+        async with self._write() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO schedule_runs (name, fire_at, holder, started_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (name, _ts(fire_at), holder, _ts(at)),
+            )
+            return cursor.rowcount == 1
+
+    async def finish_schedule_run(self, name: str, fire_at: datetime, *, outcome: str, at: datetime) -> None:
+        """Record how a claimed run ended."""
+        async with self._write() as conn:
+            await conn.execute(
+                "UPDATE schedule_runs SET finished_at = ?, outcome = ? WHERE name = ? AND fire_at = ?",
+                (_ts(at), outcome, name, _ts(fire_at)),
+            )
+
+    async def last_schedule_runs(self) -> dict[str, ScheduleRun]:
+        """The newest claimed run of each schedule."""
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(
+                "SELECT name, fire_at, holder, started_at, finished_at, outcome FROM schedule_runs r"
+                " WHERE fire_at = (SELECT max(fire_at) FROM schedule_runs WHERE name = r.name)"
+            )
+        return {
+            row[0]: ScheduleRun(row[0], _time(row[1]), row[2], _time(row[3]), _when(row[4]), row[5]) for row in rows
+        }
 
     async def close(self) -> None:
         """Close the connection."""
