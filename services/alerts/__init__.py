@@ -1,0 +1,1 @@
+"""Alerts: rules from the inventory, their evaluation against probes and /metrics, and alert state."""

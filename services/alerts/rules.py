@@ -1,0 +1,484 @@
+"""Alert rules of the inventory, what one check of a rule finds, and the state machine of an alert.
+
+Modelled on Prometheus alerting: a rule's breach must hold for ``for_minutes`` before the alert
+fires, and (to keep a flapping target from posting again and again) a recovery must hold for
+``resolve_for_minutes`` before it resolves. Everything here is pure: the watcher passes the time in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field
+
+from services.alerts.metrics import (
+    MetricsError,
+    Scrape,
+    error_ratio,
+    latency_quantile,
+    seconds_between,
+    window_scrapes,
+)
+
+__all__ = [
+    "AlertRule",
+    "AlertState",
+    "Comparison",
+    "Condition",
+    "DownRule",
+    "ErrorRateRule",
+    "LatencyRule",
+    "Observation",
+    "Phase",
+    "RedisMemoryRule",
+    "Silence",
+    "SizeLimitRule",
+    "Timing",
+    "Transition",
+    "TransitionKind",
+    "Verdict",
+    "evaluate",
+]
+
+Severity = Literal["warning", "critical"]
+
+
+class Verdict(StrEnum):
+    """What one check of a rule found."""
+
+    OK = "ok"
+    BREACH = "breach"
+    UNKNOWN = "unknown"
+    """The figures could not be had (target unreachable, no second scrape yet): the alert holds its state."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One check of a rule: its verdict, the figure compared and a line of evidence for the message."""
+
+    verdict: Verdict
+    evidence: str
+    value: float | None = None
+
+
+class Comparison(StrEnum):
+    """How a figure is held against its threshold; each rule kind fixes its own, after the runbooks."""
+
+    ABOVE = ">"
+    AT_OR_ABOVE = ">="
+
+    def breached(self, value: float, threshold: float) -> bool:
+        return value > threshold if self is Comparison.ABOVE else value >= threshold
+
+    @property
+    def words(self) -> str:
+        return "above" if self is Comparison.ABOVE else "at or above"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the watcher saw of one component this round; each rule reads the part it needs.
+
+    ``scrapes`` are the component's kept /metrics scrapes, oldest first, the last one taken this
+    round (when this round's scrape failed, pass ``reachable=False``).
+    """
+
+    reachable: bool
+    detail: str = ""
+    """Why the target did not answer, or the probe's line when it did."""
+    scrapes: Sequence[Scrape] = ()
+    memory_used_bytes: int | None = None
+    memory_max_bytes: int | None = None
+    """Redis ``maxmemory``; 0 means no limit is set."""
+    size_used_bytes: int | None = None
+    size_limit_bytes: int | None = None
+    """The limit the probe found (a disk's size); a rule's own ``limit`` wins over it."""
+
+
+class _Rule(BaseModel):
+    """What every rule kind has: a name, how long a breach and a recovery must hold, a severity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        description="Name of the alert; default the kind's, e.g. HighErrorRate. Two rules of one kind need names.",
+    )
+    for_minutes: float = Field(5, ge=0, le=1440, description="Minutes a breach must hold before the alert fires.")
+    resolve_for_minutes: float | None = Field(
+        None, ge=0, le=1440, description="Minutes a recovery must hold before the alert resolves (default for_minutes)."
+    )
+    severity: Severity = "warning"
+
+    title: ClassVar[str]
+    comparison: ClassVar[Comparison]
+
+    @property
+    def alert_name(self) -> str:
+        return self.name or self.title
+
+    @property
+    def hold(self) -> timedelta:
+        return timedelta(minutes=self.for_minutes)
+
+    @property
+    def resolve_hold(self) -> timedelta:
+        return timedelta(minutes=self.for_minutes if self.resolve_for_minutes is None else self.resolve_for_minutes)
+
+    def key(self, service: str, component: str) -> str:
+        """The alert's identity in the state store and in silences: ``shop/api/HighErrorRate``."""
+        return f"{service}/{component}/{self.alert_name}"
+
+    def check(self, observation: Observation) -> Condition:
+        """Hold this round's observation against the rule."""
+        raise NotImplementedError
+
+
+class DownRule(_Rule):
+    """ServiceDown (runbook 004): the target does not answer for ``for_minutes`` (≥ 1 min)."""
+
+    kind: Literal["down"]
+    for_minutes: float = Field(1, ge=0, le=1440, description="Minutes the target must be down before the alert fires.")
+    severity: Severity = "critical"
+
+    title: ClassVar[str] = "ServiceDown"
+    comparison: ClassVar[Comparison] = Comparison.AT_OR_ABOVE  # of the time down against for_minutes
+
+    def check(self, observation: Observation) -> Condition:
+        """Unreachable is a breach here, and only here: other rules cannot judge what they cannot see."""
+        if observation.reachable:
+            return Condition(Verdict.OK, "answering")
+        detail = f": {observation.detail}" if observation.detail else ""
+        return Condition(Verdict.BREACH, f"not answering{detail}")
+
+
+class ErrorRateRule(_Rule):
+    """HighErrorRate: the share of 5xx responses over a window is above ``threshold_pct`` (> 5 %)."""
+
+    kind: Literal["error_rate"]
+    threshold_pct: float = Field(5, gt=0, lt=100)
+    window_seconds: float = Field(300, ge=10, le=86400, description="Window the ratio is computed over.")
+    metric: str = Field("http_requests_total", min_length=1, description="Counter of requests, by status.")
+    status_label: str = Field("status", min_length=1)
+    match: dict[str, str] = Field(default_factory=dict, description="Only series with these label values.")
+
+    title: ClassVar[str] = "HighErrorRate"
+    comparison: ClassVar[Comparison] = Comparison.ABOVE
+
+    def check(self, observation: Observation) -> Condition:
+        """The ratio between the newest scrape and one about ``window_seconds`` older."""
+        pair = _scrape_pair(observation, self.window_seconds)
+        if isinstance(pair, Condition):
+            return pair
+        try:
+            ratio = error_ratio(*pair, metric=self.metric, status_label=self.status_label, match=self.match or None)
+        except MetricsError as exc:
+            return Condition(Verdict.UNKNOWN, str(exc))
+        if ratio is None:
+            return Condition(Verdict.OK, f"no requests {_window_words(pair)}", 0.0)
+        # Cross-multiplied so that exactly 5 of 100 is exactly 5 %, whatever the float rounding.
+        breached = self.comparison.breached(ratio.errors * 100, self.threshold_pct * ratio.total)
+        evidence = f"{ratio.evidence}; alerts {self.comparison.words} {self.threshold_pct:g} %"
+        return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, ratio.pct)
+
+
+class LatencyRule(_Rule):
+    """HighLatency (p95 > 2 s) or HighLLMLatency (p95 > 60 s of llm_latency_seconds) from a histogram."""
+
+    kind: Literal["latency_p95"]
+    threshold_seconds: float = Field(2, gt=0)
+    metric: str = Field("http_request_duration_seconds", min_length=1, description="Histogram, without _bucket.")
+    window_seconds: float = Field(300, ge=10, le=86400, description="Window the quantile is computed over.")
+    match: dict[str, str] = Field(default_factory=dict, description="Only series with these label values.")
+
+    title: ClassVar[str] = "HighLatency"
+    comparison: ClassVar[Comparison] = Comparison.ABOVE
+    quantile: ClassVar[float] = 0.95
+
+    def check(self, observation: Observation) -> Condition:
+        """The p95 between the newest scrape and one about ``window_seconds`` older."""
+        pair = _scrape_pair(observation, self.window_seconds)
+        if isinstance(pair, Condition):
+            return pair
+        try:
+            found = latency_quantile(self.quantile, *pair, metric=self.metric, match=self.match or None)
+        except MetricsError as exc:
+            return Condition(Verdict.UNKNOWN, str(exc))
+        if found is None:
+            return Condition(Verdict.OK, f"no requests {_window_words(pair)}")
+        breached = self.comparison.breached(found.seconds, self.threshold_seconds)
+        if found.above_buckets and found.seconds >= self.threshold_seconds:
+            # The true quantile lies past the largest bucket, so past a threshold at that bound too.
+            breached = True
+        evidence = f"{found.evidence}; alerts {self.comparison.words} {_seconds(self.threshold_seconds)}"
+        return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, found.seconds)
+
+
+class RedisMemoryRule(_Rule):
+    """Redis memory used against ``maxmemory`` is above ``threshold_pct`` (runbook 000: memory > 80 %)."""
+
+    kind: Literal["redis_memory"]
+    threshold_pct: float = Field(80, gt=0, le=100)
+
+    title: ClassVar[str] = "RedisMemoryHigh"
+    comparison: ClassVar[Comparison] = Comparison.ABOVE
+
+    def check(self, observation: Observation) -> Condition:
+        """No ``maxmemory`` means Redis has no limit to approach: that is fine, not unknown."""
+        used, limit = observation.memory_used_bytes, observation.memory_max_bytes
+        if not observation.reachable or used is None or limit is None:
+            return _unseen(observation, "Redis memory")
+        if limit == 0:
+            return Condition(Verdict.OK, f"memory {_bytes(used)}, no maxmemory set")
+        return _share(self.comparison, self.threshold_pct, used, limit, "memory")
+
+
+class SizeLimitRule(_Rule):
+    """A disk or a database near its limit (runbook 001: disk ≥ 90 %): at exactly 90 % it fires."""
+
+    kind: Literal["size_limit"]
+    threshold_pct: float = Field(90, gt=0, le=100)
+    limit: ByteSize | None = Field(
+        None, description="A fixed limit such as 10GB (a database plan); default the size the probe reports."
+    )
+    subject: str = Field("disk", min_length=1, max_length=40, description="What is measured, for the message.")
+
+    title: ClassVar[str] = "SizeNearLimit"
+    comparison: ClassVar[Comparison] = Comparison.AT_OR_ABOVE
+
+    def check(self, observation: Observation) -> Condition:
+        """The used size against the rule's limit, or else the one the probe found."""
+        used = observation.size_used_bytes
+        limit = self.limit if self.limit is not None else observation.size_limit_bytes
+        if not observation.reachable or used is None:
+            return _unseen(observation, f"the {self.subject} size")
+        if not limit:
+            return Condition(Verdict.UNKNOWN, f"no limit known for the {self.subject} ({_bytes(used)} used)")
+        return _share(self.comparison, self.threshold_pct, used, int(limit), self.subject)
+
+
+AlertRule = Annotated[
+    DownRule | ErrorRateRule | LatencyRule | RedisMemoryRule | SizeLimitRule,
+    Field(discriminator="kind"),
+]
+"""One alert rule of the inventory, told apart by ``kind``."""
+
+
+def _scrape_pair(observation: Observation, window_seconds: float) -> tuple[Scrape, Scrape] | Condition:
+    if not observation.reachable:
+        return _unseen(observation, "the metrics")
+    pair = window_scrapes(observation.scrapes, window_seconds)
+    if pair is None:
+        return Condition(Verdict.UNKNOWN, "waiting for a second scrape of the metrics")
+    return pair
+
+
+def _window_words(pair: tuple[Scrape, Scrape]) -> str:
+    seconds = seconds_between(*pair)
+    return f"over {seconds:.0f} s" if seconds < 120 else f"over {seconds / 60:.0f} min"
+
+
+def _unseen(observation: Observation, what: str) -> Condition:
+    why = f": {observation.detail}" if observation.detail and not observation.reachable else ""
+    if not observation.reachable:
+        return Condition(Verdict.UNKNOWN, f"cannot read {what}, the target is not answering{why}")
+    return Condition(Verdict.UNKNOWN, f"{what} not reported")
+
+
+def _share(comparison: Comparison, threshold_pct: float, used: int, limit: int, subject: str) -> Condition:
+    pct = used * 100 / limit
+    breached = comparison.breached(used * 100, threshold_pct * limit)
+    evidence = (
+        f"{subject} {_bytes(used)} of {_bytes(limit)} ({pct:.1f} %); alerts {comparison.words} {threshold_pct:g} %"
+    )
+    return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, pct)
+
+
+def _bytes(size: float) -> str:
+    if size < 1024:
+        return f"{int(size)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        size /= 1024
+        if size < 1024 or unit == "TB":
+            return f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:g} s"
+
+
+# --- the alert state machine ---------------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    """Where an alert stands. RESOLVING is still firing: the recovery has not held long enough."""
+
+    OK = "ok"
+    PENDING = "pending"
+    FIRING = "firing"
+    RESOLVING = "resolving"
+
+
+class TransitionKind(StrEnum):
+    FIRED = "fired"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True)
+class Silence:
+    """An operator's silence of one alert until a time; it never stops the state from changing."""
+
+    alert_key: str
+    until: datetime
+    by: str
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _require_aware(self.until, "a silence's end")
+
+    def covers(self, key: str, now: datetime) -> bool:
+        return key == self.alert_key and now < self.until
+
+
+@dataclass(frozen=True)
+class AlertState:
+    """One alert's state between evaluations; kept in the state store by the watcher."""
+
+    key: str
+    phase: Phase = Phase.OK
+    since: datetime | None = None
+    """When the current breach was first seen (pending, firing and resolving)."""
+    ok_since: datetime | None = None
+    """When the recovery was first seen (resolving only)."""
+    fired_at: datetime | None = None
+    announced: bool = False
+    """A fired transition that was not silenced went out for this episode (a message exists)."""
+    muted: bool = False
+    """A silence covered this firing alert since the channel last heard of it."""
+    evidence: str = ""
+    """The evidence of the last check that was not unknown."""
+
+    @property
+    def firing(self) -> bool:
+        return self.phase in (Phase.FIRING, Phase.RESOLVING)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """The alert fired or resolved: what the watcher tells the channel, unless ``silenced``.
+
+    A silenced ``fired`` posts nothing; a later unsilenced ``fired`` of the same episode has
+    ``after_silence`` set (the channel learns it is still broken). On ``resolved``, ``announced``
+    says whether a fired message exists to be edited (an edit pings nobody, silenced or not).
+    """
+
+    kind: TransitionKind
+    key: str
+    at: datetime
+    evidence: str
+    since: datetime
+    """When the breach began."""
+    silenced: bool = False
+    silence: Silence | None = None
+    after_silence: bool = False
+    announced: bool = False
+    fired_at: datetime | None = None
+
+
+class Timing(Protocol):
+    """How long a breach and a recovery must hold; every rule kind has both."""
+
+    @property
+    def hold(self) -> timedelta: ...
+
+    @property
+    def resolve_hold(self) -> timedelta: ...
+
+
+def evaluate(
+    state: AlertState,
+    condition: Condition,
+    now: datetime,
+    *,
+    rule: Timing,
+    silences: Iterable[Silence] = (),
+) -> tuple[AlertState, Transition | None]:
+    """Advance ``state`` by one check of its rule at ``now``; return the new state and what changed.
+
+    A breach must hold for ``rule.hold`` (seen at the start and still at the end, no OK between)
+    before ``fired``; once firing, an OK must hold for ``rule.resolve_hold`` before ``resolved``.
+    So a target flapping faster than either fires at most once. UNKNOWN leaves the state as it is.
+    """
+    _require_aware(now, "now")
+    silence = next((s for s in silences if s.covers(state.key, now)), None)
+    if condition.verdict is Verdict.UNKNOWN:
+        return state, None
+    if condition.verdict is Verdict.BREACH:
+        return _on_breach(state, condition.evidence, now, rule.hold, silence)
+    return _on_ok(state, condition.evidence, now, rule.resolve_hold, silence)
+
+
+def _on_breach(
+    state: AlertState, evidence: str, now: datetime, hold: timedelta, silence: Silence | None
+) -> tuple[AlertState, Transition | None]:
+    if state.firing:
+        state = replace(state, phase=Phase.FIRING, ok_since=None, evidence=evidence)
+        if silence is not None:
+            return replace(state, muted=True), None
+        if state.announced and not state.muted:
+            return state, None
+        # Fired under a silence that has now ended, and it is still broken: say so.
+        state = replace(state, announced=True, muted=False)
+        return state, _transition(TransitionKind.FIRED, state, now, None, after_silence=True)
+    if state.phase is Phase.OK or state.since is None:
+        state = AlertState(key=state.key, phase=Phase.PENDING, since=now, evidence=evidence)
+    else:
+        state = replace(state, evidence=evidence)
+    if now - (state.since or now) < hold:
+        return state, None
+    state = replace(state, phase=Phase.FIRING, fired_at=now, announced=silence is None, muted=silence is not None)
+    return state, _transition(TransitionKind.FIRED, state, now, silence)
+
+
+def _on_ok(
+    state: AlertState, evidence: str, now: datetime, resolve_hold: timedelta, silence: Silence | None
+) -> tuple[AlertState, Transition | None]:
+    if not state.firing:
+        # A pending breach that did not hold is forgotten without a word.
+        return AlertState(key=state.key, evidence=evidence), None
+    ok_since = now if state.phase is Phase.FIRING or state.ok_since is None else state.ok_since
+    state = replace(state, phase=Phase.RESOLVING, ok_since=ok_since, evidence=evidence)
+    if silence is not None:
+        state = replace(state, muted=True)
+    if now - ok_since < resolve_hold:
+        return state, None
+    transition = _transition(TransitionKind.RESOLVED, state, now, silence)
+    return AlertState(key=state.key, evidence=evidence), transition
+
+
+def _transition(
+    kind: TransitionKind, state: AlertState, now: datetime, silence: Silence | None, *, after_silence: bool = False
+) -> Transition:
+    return Transition(
+        kind=kind,
+        key=state.key,
+        at=now,
+        evidence=state.evidence,
+        since=state.since or now,
+        silenced=silence is not None,
+        silence=silence,
+        after_silence=after_silence,
+        announced=state.announced,
+        fired_at=state.fired_at,
+    )
+
+
+def _require_aware(moment: datetime, what: str) -> None:
+    if moment.utcoffset() is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime")
