@@ -1,0 +1,319 @@
+"""The scheduler loop: runs the inventory's schedules (services/schedules.py says when) once per fire time.
+
+A fire time runs at most once: the replica that takes the lease ``schedule:<name>:<fire time ISO>`` runs it,
+the others skip it. Fire times missed while the bot was down collapse into the latest one, which runs once
+if it is still within the schedule's grace window, and never when it is older.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple, Protocol
+
+import redis.asyncio as aioredis
+import structlog
+
+from services.failures import network_problem, short_error
+from services.redaction import Redactor
+from services.schedules import ScheduleSpec, aware, due, lease_key, next_fire, zone
+
+log = structlog.get_logger(__name__)
+
+# Wider than any clock change a zone makes in practice (DST moves 1 h, "double summer time" 2 h): the
+# window around a moment in which wall-clock order and real-time order of fire times may disagree.
+
+OK = "ok"
+RAN_ELSEWHERE = "skipped: another replica took this fire time"
+FAILED_PREFIX = "failed: "
+LEASE_MARGIN = 600.0
+
+
+class Lease(Protocol):
+    """First taker wins a key until its ttl lapses. There is no release: a released fire time could run twice."""
+
+    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
+        """Take ``key`` for ``holder`` for ``ttl`` seconds; False if someone holds it already."""
+        ...
+
+
+class MemoryLease:
+    """Leases for one process (tests, a single replica): a dict, with no await between check and set."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._held: dict[str, tuple[str, float]] = {}
+
+    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
+        """Take ``key`` for ``holder`` for ``ttl`` seconds; False if it is held and not yet expired."""
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, not {ttl!r}")
+        now = self._clock()
+        # Drop lapsed leases so a long-running process keeps only the live ones.
+        for lapsed in [k for k, (_, expires) in self._held.items() if expires <= now]:
+            del self._held[lapsed]
+        if key in self._held:
+            return False
+        self._held[key] = (holder, now + ttl)
+        return True
+
+    def holder(self, key: str) -> str | None:
+        """Who holds ``key`` now, or None (for tests and diagnostics)."""
+        entry = self._held.get(key)
+        return entry[0] if entry is not None and entry[1] > self._clock() else None
+
+
+class RedisLease:
+    """Leases shared by replicas through Redis: ``SET key holder NX PX ttl``, so the key lapses by itself.
+
+    Redis errors propagate: the scheduler then starts nothing for that fire time (fails closed) and tries
+    again on its next pass while the fire time is within its grace window. Give the client a socket timeout
+    (as ``services.locks.open_locks`` does) so an unanswering Redis cannot hold a run slot.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "opsbot:") -> None:
+        self._client = client
+        self._prefix = prefix
+
+    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
+        """Take ``key`` for ``holder`` for ``ttl`` seconds (rounded up to a millisecond); False if held."""
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, not {ttl!r}")
+        taken = await self._client.set(self._prefix + key, holder, nx=True, px=max(1, math.ceil(ttl * 1000)))
+        return bool(taken)
+
+
+class Fired(NamedTuple):
+    """What one pass did with one due fire time."""
+
+    name: str
+    fire_time: datetime
+    outcome: str
+
+
+@dataclass(frozen=True)
+class ScheduleStatus:
+    """One line of ``/ops schedules``: what runs when, and how its last run went (as this replica knows)."""
+
+    name: str
+    command: str
+    when: str
+    zone: str
+    enabled: bool
+    next_fire: datetime | None
+    next_fire_local: datetime | None
+    last_fire: datetime | None
+    last_outcome: str | None
+    running: bool
+
+
+@dataclass
+class _State:
+    loaded: bool = False
+    last_fire: datetime | None = None
+    last_outcome: str | None = None
+    task: asyncio.Task[Fired] | None = None
+
+
+RunSchedule = Callable[[ScheduleSpec, datetime], Awaitable[str]]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Scheduler:
+    """Runs the due schedules, each fire time once across replicas, concurrently up to ``max_concurrent``.
+
+    ``run(spec, fire_time)`` runs the command and returns a short outcome ("posted", "12 MB"); an exception
+    is recorded as ``failed: …`` and never stops the scheduler. ``last_runs(name)`` (the state store) gives
+    the last fire time run by any replica, read once per schedule at start-up, so a restart neither repeats
+    nor forgets; ``record(name, fire_time, outcome)`` stores each run this replica made.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ScheduleSpec],
+        run: RunSchedule,
+        lease: Lease,
+        *,
+        holder: str,
+        default_tz: str,
+        clock: Callable[[], datetime] = _utc_now,
+        last_runs: Callable[[str], Awaitable[datetime | None]] | None = None,
+        record: Callable[[str, datetime, str], Awaitable[None]] | None = None,
+        max_concurrent: int = 4,
+        redactor: Redactor | None = None,
+    ) -> None:
+        names = [spec.name for spec in specs]
+        doubled = sorted({name for name in names if names.count(name) > 1})
+        if doubled:
+            raise ValueError(f"schedule names must be unique: {', '.join(doubled)} appear more than once")
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, not {max_concurrent!r}")
+        zone(default_tz)
+        self._specs = list(specs)
+        self._run = run
+        self._lease = lease
+        self._holder = holder
+        self._default_tz = default_tz
+        self._clock = clock
+        self._last_runs = last_runs
+        self._record = record
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._redactor = redactor
+        self._states = {spec.name: _State() for spec in specs}
+
+    def _now(self) -> datetime:
+        return aware(self._clock(), "the scheduler's clock")
+
+    def _reason(self, exc: BaseException) -> str:
+        return network_problem(exc) or short_error(exc, self._redactor)
+
+    async def _load(self, spec: ScheduleSpec, state: _State) -> bool:
+        """Read the last fire time from the state store once; False (try again next pass) if it fails."""
+        if state.loaded:
+            return True
+        if self._last_runs is not None:
+            try:
+                last = await self._last_runs(spec.name)
+            except Exception as exc:
+                # Running without knowing the last run could repeat it: wait for the store instead.
+                log.warning("schedule_last_run_unknown", schedule=spec.name, reason=self._reason(exc))
+                return False
+            if last is not None and (state.last_fire is None or last > state.last_fire):
+                state.last_fire = aware(last, "last_runs()")
+        state.loaded = True
+        return True
+
+    async def _start_due(self) -> list[asyncio.Task[Fired]]:
+        """Start a task for every schedule with a due fire time and no run in flight."""
+        now = self._now()
+        started: list[asyncio.Task[Fired]] = []
+        for spec in self._specs:
+            state = self._states[spec.name]
+            if not spec.enabled or state.task is not None or not await self._load(spec, state):
+                continue
+            try:
+                fire_time = due(spec, state.last_fire, now, self._default_tz)
+            except Exception:  # one schedule's trouble must not keep the others from running
+                log.exception("schedule_due_failed", schedule=spec.name)
+                continue
+            if fire_time is None:
+                continue
+            task = asyncio.create_task(self._fire(spec, state, fire_time), name=f"opsbot-schedule:{spec.name}")
+            state.task = task
+            task.add_done_callback(functools.partial(_finished, state))
+            started.append(task)
+        return started
+
+    async def _fire(self, spec: ScheduleSpec, state: _State, fire_time: datetime) -> Fired:
+        async with self._slots:
+            return await self._take_and_run(spec, state, fire_time)
+
+    async def _take_and_run(self, spec: ScheduleSpec, state: _State, fire_time: datetime) -> Fired:
+        deadline = fire_time + timedelta(minutes=spec.grace_minutes)
+        now = self._now()
+        if now > deadline:  # waited for a free slot past the grace window
+            state.last_fire = fire_time
+            state.last_outcome = "skipped: no free slot within the grace window"
+            log.warning("schedule_skipped", schedule=spec.name, fire_time=fire_time.isoformat(), reason="no slot")
+            return Fired(spec.name, fire_time, state.last_outcome)
+        key = lease_key(spec.name, fire_time)
+        try:
+            mine = await self._lease.acquire(key, self._holder, (deadline - now).total_seconds() + LEASE_MARGIN)
+        except Exception as exc:
+            # Fail closed: without the lease another replica may be running it. Retried next pass.
+            reason = self._reason(exc)
+            log.warning(
+                "schedule_lease_unavailable", schedule=spec.name, fire_time=fire_time.isoformat(), reason=reason
+            )
+            return Fired(spec.name, fire_time, f"not started: lease unavailable ({reason})")
+        state.last_fire = fire_time
+        if not mine:
+            log.info("schedule_taken_elsewhere", schedule=spec.name, fire_time=fire_time.isoformat())
+            return Fired(spec.name, fire_time, RAN_ELSEWHERE)
+        log.info("schedule_started", schedule=spec.name, fire_time=fire_time.isoformat(), command=spec.command)
+        try:
+            outcome = await self._run(spec, fire_time) or OK
+        except Exception as exc:
+            log.exception("schedule_run_failed", schedule=spec.name, fire_time=fire_time.isoformat())
+            outcome = FAILED_PREFIX + short_error(exc, self._redactor)
+        else:
+            log.info("schedule_finished", schedule=spec.name, fire_time=fire_time.isoformat(), outcome=outcome)
+        state.last_outcome = outcome
+        if self._record is not None:
+            try:
+                await self._record(spec.name, fire_time, outcome)
+            except Exception:
+                log.exception("schedule_record_failed", schedule=spec.name, fire_time=fire_time.isoformat())
+        return Fired(spec.name, fire_time, outcome)
+
+    async def tick(self) -> list[Fired]:
+        """One pass: start every due run and wait for the runs it started; what each did, in spec order."""
+        return list(await asyncio.gather(*await self._start_due()))
+
+    async def loop(self, stop: asyncio.Event, every: float = 30.0, *, drain: float = 30.0) -> None:
+        """Pass every ``every`` seconds until ``stop`` is set, without waiting for runs between passes (a slow
+        backup does not hold up a keep-alive ping); then wait up to ``drain`` seconds for runs in flight and
+        cancel the rest."""
+        in_flight: set[asyncio.Task[Fired]] = set()
+        while not stop.is_set():
+            try:
+                for task in await self._start_due():
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            except Exception:
+                log.exception("schedule_pass_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+        await _drain(in_flight, drain)
+
+    def status(self) -> list[ScheduleStatus]:
+        """Every schedule with its next fire time (UTC and local), last fire time and last outcome."""
+        now = self._now()
+        lines = []
+        for spec in self._specs:
+            state = self._states[spec.name]
+            zone_name = "UTC" if spec.every_minutes is not None else spec.timezone or self._default_tz
+            upcoming = next_fire(spec, now, self._default_tz) if spec.enabled else None
+            lines.append(
+                ScheduleStatus(
+                    name=spec.name,
+                    command=spec.command,
+                    when=spec.when,
+                    zone=zone_name,
+                    enabled=spec.enabled,
+                    next_fire=upcoming,
+                    next_fire_local=upcoming.astimezone(zone(zone_name)) if upcoming is not None else None,
+                    last_fire=state.last_fire,
+                    last_outcome=state.last_outcome,
+                    running=state.task is not None,
+                )
+            )
+        return lines
+
+
+def _finished(state: _State, task: asyncio.Task[Fired]) -> None:
+    """Free the schedule for its next fire time, and log what a run let through (none should)."""
+    if state.task is task:
+        state.task = None
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("schedule_task_crashed", task=task.get_name(), exc_info=exc)
+
+
+async def _drain(tasks: Iterable[asyncio.Task[Fired]], grace: float) -> None:
+    """Let runs in flight finish for up to ``grace`` seconds, then cancel what is left."""
+    pending = set(tasks)
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=grace)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)  # their crashes were logged by _finished
