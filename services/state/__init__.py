@@ -1,4 +1,4 @@
-"""The bot's own state (audit log, approvals and runs, backup catalog, schedule runs) in SQLite or PostgreSQL."""
+"""The bot's own state (audit, approvals, backups, schedules, alerts, digests) in SQLite or PostgreSQL."""
 
 from services.state.base import (
     GENESIS_HASH,
@@ -8,8 +8,11 @@ from services.state.base import (
     AuditRecord,
     BackupRecord,
     BackupState,
+    ProbeSample,
     ScheduleRun,
+    SilenceRecord,
     StateStore,
+    StoredAlert,
     Vote,
     VoteResult,
     chain_hash,
@@ -27,9 +30,12 @@ __all__ = [
     "BackupRecord",
     "BackupState",
     "PostgresStateStore",
+    "ProbeSample",
     "ScheduleRun",
+    "SilenceRecord",
     "SqliteStateStore",
     "StateStore",
+    "StoredAlert",
     "Vote",
     "VoteResult",
     "chain_hash",

@@ -374,6 +374,42 @@ class ScheduleRun:
     outcome: str = ""
 
 
+@dataclass(frozen=True)
+class StoredAlert:
+    """One alert's state machine, kept as JSON (services/alerts owns its shape), and its message."""
+
+    key: str  # service/component/AlertName
+    service: str
+    state: dict[str, Any]
+    updated_at: datetime
+    message_channel: str | None = None
+    message_ts: str | None = None
+
+
+@dataclass(frozen=True)
+class SilenceRecord:
+    """An operator's silence of one alert until a time."""
+
+    id: int
+    key: str
+    until: datetime
+    by: str
+    reason: str
+    created_at: datetime
+    ended_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ProbeSample:
+    """One probe result kept for digests and charts (status: 0 healthy, 1 warning, 2 critical)."""
+
+    service: str
+    component: str
+    at: datetime
+    status: int
+    latency_ms: float
+
+
 def utc(value: datetime) -> datetime:
     """``value`` as an aware UTC datetime (naive ones are taken to be UTC)."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -481,6 +517,33 @@ class StateStore(Protocol):
 
     async def last_schedule_runs(self) -> dict[str, ScheduleRun]:
         """The newest claimed run of each schedule."""
+
+    async def load_alerts(self) -> dict[str, StoredAlert]:
+        """Every alert's stored state, by key."""
+
+    async def save_alert(self, alert: StoredAlert) -> None:
+        """Insert or replace one alert's state (and its message, when known)."""
+
+    async def add_silence(self, key: str, *, until: datetime, by: str, reason: str, at: datetime) -> SilenceRecord:
+        """Silence one alert until ``until``."""
+
+    async def active_silences(self, at: datetime) -> list[SilenceRecord]:
+        """Silences not ended and not yet expired at ``at``, newest first."""
+
+    async def end_silence(self, key: str, *, at: datetime) -> int:
+        """End every active silence of ``key`` now; how many were ended."""
+
+    async def record_probes(self, samples: Collection[ProbeSample], *, keep_after: datetime) -> None:
+        """Keep probe results, dropping those older than ``keep_after`` (the history stays bounded)."""
+
+    async def probe_history(self, *, since: datetime) -> list[ProbeSample]:
+        """Probe results at or after ``since``, oldest first."""
+
+    async def save_digest(self, kind: str, *, at: datetime, snapshot: dict[str, Any]) -> None:
+        """Remember what a posted digest showed, so the next one can say what changed."""
+
+    async def last_digest(self, kind: str) -> tuple[datetime, dict[str, Any]] | None:
+        """The newest digest of ``kind`` (daily, weekly, monthly) and what it showed."""
 
     async def close(self) -> None:
         """Release connections; the store is unusable afterwards."""

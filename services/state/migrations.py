@@ -305,7 +305,96 @@ _SCHEDULES_V4 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1, _APPROVALS_V2, _BACKUPS_V3, _SCHEDULES_V4)
+_WATCH_V5 = Migration(
+    version=5,
+    name="alert states, silences, probe history and digest snapshots",
+    sqlite=(
+        """
+        CREATE TABLE alert_states (
+            key TEXT PRIMARY KEY,
+            service TEXT NOT NULL,
+            state TEXT NOT NULL,
+            message_channel TEXT,
+            message_ts TEXT,
+            updated_at TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE silences (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL,
+            until TEXT NOT NULL,
+            by TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            ended_at TEXT
+        )
+        """,
+        "CREATE INDEX silences_key ON silences (key, until)",
+        """
+        CREATE TABLE probe_results (
+            service TEXT NOT NULL,
+            component TEXT NOT NULL,
+            at TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            latency_ms REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX probe_results_at ON probe_results (at)",
+        """
+        CREATE TABLE digests (
+            kind TEXT NOT NULL,
+            at TEXT NOT NULL,
+            snapshot TEXT NOT NULL,
+            PRIMARY KEY (kind, at)
+        )
+        """,
+    ),
+    postgres=(
+        """
+        CREATE TABLE alert_states (
+            key text PRIMARY KEY,
+            service text NOT NULL,
+            state text NOT NULL,
+            message_channel text,
+            message_ts text,
+            updated_at timestamptz NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE silences (
+            id bigserial PRIMARY KEY,
+            key text NOT NULL,
+            until timestamptz NOT NULL,
+            by text NOT NULL,
+            reason text NOT NULL DEFAULT '',
+            created_at timestamptz NOT NULL,
+            ended_at timestamptz
+        )
+        """,
+        "CREATE INDEX silences_key ON silences (key, until)",
+        """
+        CREATE TABLE probe_results (
+            service text NOT NULL,
+            component text NOT NULL,
+            at timestamptz NOT NULL,
+            status smallint NOT NULL,
+            latency_ms double precision NOT NULL
+        )
+        """,
+        "CREATE INDEX probe_results_at ON probe_results (at)",
+        """
+        CREATE TABLE digests (
+            kind text NOT NULL,
+            at timestamptz NOT NULL,
+            snapshot text NOT NULL,
+            PRIMARY KEY (kind, at)
+        )
+        """,
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1, _APPROVALS_V2, _BACKUPS_V3, _SCHEDULES_V4, _WATCH_V5)
 
 LATEST_VERSION = MIGRATIONS[-1].version
 

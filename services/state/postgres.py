@@ -23,7 +23,10 @@ from services.state.base import (
     AuditRecord,
     BackupRecord,
     BackupState,
+    ProbeSample,
     ScheduleRun,
+    SilenceRecord,
+    StoredAlert,
     Vote,
     VoteResult,
     approval_from_row,
@@ -439,6 +442,116 @@ class PostgresStateStore:
             " FROM schedule_runs ORDER BY name, fire_at DESC"
         )
         return {row["name"]: _schedule_run(row) for row in rows}
+
+    async def load_alerts(self) -> dict[str, StoredAlert]:
+        """Every alert's stored state, by key."""
+        rows = await self._pool.fetch(
+            "SELECT key, service, state, updated_at, message_channel, message_ts FROM alert_states"
+        )
+        return {
+            r["key"]: StoredAlert(
+                r["key"],
+                r["service"],
+                json.loads(r["state"]),
+                utc(r["updated_at"]),
+                r["message_channel"],
+                r["message_ts"],
+            )
+            for r in rows
+        }
+
+    async def save_alert(self, alert: StoredAlert) -> None:
+        """Insert or replace one alert's state (and its message, when known)."""
+        await self._pool.execute(
+            "INSERT INTO alert_states (key, service, state, updated_at, message_channel, message_ts)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key) DO UPDATE SET service = excluded.service,"
+            " state = excluded.state, updated_at = excluded.updated_at,"
+            " message_channel = COALESCE(excluded.message_channel, alert_states.message_channel),"
+            " message_ts = COALESCE(excluded.message_ts, alert_states.message_ts)",
+            alert.key,
+            alert.service,
+            json.dumps(alert.state, sort_keys=True),
+            alert.updated_at,
+            alert.message_channel,
+            alert.message_ts,
+        )
+
+    async def add_silence(self, key: str, *, until: datetime, by: str, reason: str, at: datetime) -> SilenceRecord:
+        """Silence one alert until ``until``."""
+        silence_id = await self._pool.fetchval(
+            "INSERT INTO silences (key, until, by, reason, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            key,
+            until,
+            by,
+            reason,
+            at,
+        )
+        return SilenceRecord(int(silence_id), key, utc(until), by, reason, utc(at))
+
+    async def active_silences(self, at: datetime) -> list[SilenceRecord]:
+        """Silences not ended and not yet expired at ``at``, newest first."""
+        rows = await self._pool.fetch(
+            "SELECT id, key, until, by, reason, created_at, ended_at FROM silences"
+            " WHERE ended_at IS NULL AND until > $1 ORDER BY created_at DESC, id DESC",
+            at,
+        )
+        return [
+            SilenceRecord(
+                int(r["id"]),
+                r["key"],
+                utc(r["until"]),
+                r["by"],
+                r["reason"],
+                utc(r["created_at"]),
+                _when(r["ended_at"]),
+            )
+            for r in rows
+        ]
+
+    async def end_silence(self, key: str, *, at: datetime) -> int:
+        """End every active silence of ``key`` now; how many were ended."""
+        ended = await self._pool.fetch(
+            "UPDATE silences SET ended_at = $2 WHERE key = $1 AND ended_at IS NULL AND until > $2 RETURNING id",
+            key,
+            at,
+        )
+        return len(ended)
+
+    async def record_probes(self, samples: Collection[ProbeSample], *, keep_after: datetime) -> None:
+        """Keep probe results, dropping those older than ``keep_after``."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO probe_results (service, component, at, status, latency_ms) VALUES ($1, $2, $3, $4, $5)",
+                [(p.service, p.component, p.at, p.status, p.latency_ms) for p in samples],
+            )
+            await conn.execute("DELETE FROM probe_results WHERE at < $1", keep_after)
+
+    async def probe_history(self, *, since: datetime) -> list[ProbeSample]:
+        """Probe results at or after ``since``, oldest first."""
+        rows = await self._pool.fetch(
+            "SELECT service, component, at, status, latency_ms FROM probe_results WHERE at >= $1 ORDER BY at",
+            since,
+        )
+        return [
+            ProbeSample(r["service"], r["component"], utc(r["at"]), int(r["status"]), float(r["latency_ms"]))
+            for r in rows
+        ]
+
+    async def save_digest(self, kind: str, *, at: datetime, snapshot: dict[str, Any]) -> None:
+        """Remember what a posted digest showed."""
+        await self._pool.execute(
+            "INSERT INTO digests (kind, at, snapshot) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            kind,
+            at,
+            json.dumps(snapshot, sort_keys=True),
+        )
+
+    async def last_digest(self, kind: str) -> tuple[datetime, dict[str, Any]] | None:
+        """The newest digest of ``kind`` and what it showed."""
+        row = await self._pool.fetchrow(
+            "SELECT at, snapshot FROM digests WHERE kind = $1 ORDER BY at DESC LIMIT 1", kind
+        )
+        return None if row is None else (utc(row["at"]), json.loads(row["snapshot"]))
 
     async def close(self) -> None:
         """Close the pool, waiting a bounded time for connections in use."""

@@ -25,7 +25,10 @@ from services.state.base import (
     AuditRecord,
     BackupRecord,
     BackupState,
+    ProbeSample,
     ScheduleRun,
+    SilenceRecord,
+    StoredAlert,
     Vote,
     VoteResult,
     approval_from_row,
@@ -505,6 +508,90 @@ class SqliteStateStore:
         return {
             row[0]: ScheduleRun(row[0], _time(row[1]), row[2], _time(row[3]), _when(row[4]), row[5]) for row in rows
         }
+
+    async def load_alerts(self) -> dict[str, StoredAlert]:
+        """Every alert's stored state, by key."""
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(
+                "SELECT key, service, state, updated_at, message_channel, message_ts FROM alert_states"
+            )
+        return {r[0]: StoredAlert(r[0], r[1], json.loads(r[2]), _time(r[3]), r[4], r[5]) for r in rows}
+
+    async def save_alert(self, alert: StoredAlert) -> None:
+        """Insert or replace one alert's state (and its message, when known)."""
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO alert_states (key, service, state, updated_at, message_channel, message_ts)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET service = excluded.service,"
+                " state = excluded.state, updated_at = excluded.updated_at,"
+                " message_channel = COALESCE(excluded.message_channel, alert_states.message_channel),"
+                " message_ts = COALESCE(excluded.message_ts, alert_states.message_ts)",
+                (alert.key, alert.service, json.dumps(alert.state, sort_keys=True), _ts(alert.updated_at),
+                 alert.message_channel, alert.message_ts),
+            )  # fmt: skip
+
+    async def add_silence(self, key: str, *, until: datetime, by: str, reason: str, at: datetime) -> SilenceRecord:
+        """Silence one alert until ``until``."""
+        async with self._write() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO silences (key, until, by, reason, created_at) VALUES (?, ?, ?, ?, ?)",
+                (key, _ts(until), by, reason, _ts(at)),
+            )
+            silence_id = int(cursor.lastrowid or 0)
+        return SilenceRecord(silence_id, key, utc(until), by, reason, utc(at))
+
+    async def active_silences(self, at: datetime) -> list[SilenceRecord]:
+        """Silences not ended and not yet expired at ``at``, newest first."""
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(
+                "SELECT id, key, until, by, reason, created_at, ended_at FROM silences"
+                " WHERE ended_at IS NULL AND until > ? ORDER BY created_at DESC, id DESC",
+                (_ts(at),),
+            )
+        return [SilenceRecord(r[0], r[1], _time(r[2]), r[3], r[4], _time(r[5]), _when(r[6])) for r in rows]
+
+    async def end_silence(self, key: str, *, at: datetime) -> int:
+        """End every active silence of ``key`` now; how many were ended."""
+        async with self._write() as conn:
+            cursor = await conn.execute(
+                "UPDATE silences SET ended_at = ? WHERE key = ? AND ended_at IS NULL AND until > ?",
+                (_ts(at), key, _ts(at)),
+            )
+            return int(cursor.rowcount)
+
+    async def record_probes(self, samples: Collection[ProbeSample], *, keep_after: datetime) -> None:
+        """Keep probe results, dropping those older than ``keep_after``."""
+        async with self._write() as conn:
+            await conn.executemany(
+                "INSERT INTO probe_results (service, component, at, status, latency_ms) VALUES (?, ?, ?, ?, ?)",
+                [(p.service, p.component, _ts(p.at), p.status, p.latency_ms) for p in samples],
+            )
+            await conn.execute("DELETE FROM probe_results WHERE at < ?", (_ts(keep_after),))
+
+    async def probe_history(self, *, since: datetime) -> list[ProbeSample]:
+        """Probe results at or after ``since``, oldest first."""
+        async with self._lock:
+            rows = await self._conn.execute_fetchall(
+                "SELECT service, component, at, status, latency_ms FROM probe_results WHERE at >= ? ORDER BY at",
+                (_ts(since),),
+            )
+        return [ProbeSample(r[0], r[1], _time(r[2]), int(r[3]), float(r[4])) for r in rows]
+
+    async def save_digest(self, kind: str, *, at: datetime, snapshot: dict[str, Any]) -> None:
+        """Remember what a posted digest showed."""
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO digests (kind, at, snapshot) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (kind, _ts(at), json.dumps(snapshot, sort_keys=True)),
+            )
+
+    async def last_digest(self, kind: str) -> tuple[datetime, dict[str, Any]] | None:
+        """The newest digest of ``kind`` and what it showed."""
+        async with self._lock:
+            row = await _first(
+                self._conn, "SELECT at, snapshot FROM digests WHERE kind = ? ORDER BY at DESC LIMIT 1", (kind,)
+            )
+        return None if row is None else (_time(row[0]), json.loads(row[1]))
 
     async def close(self) -> None:
         """Close the connection."""
