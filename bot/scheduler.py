@@ -20,9 +20,13 @@ from typing import NamedTuple, Protocol
 import redis.asyncio as aioredis
 import structlog
 
+from bot.container import Container
+from handlers.slack import post_reply
 from services.failures import network_problem, short_error
+from services.inventory import Role
 from services.redaction import Redactor
 from services.schedules import ScheduleSpec, aware, due, lease_key, next_fire, zone
+from services.state import StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -317,3 +321,59 @@ async def _drain(tasks: Iterable[asyncio.Task[Fired]], grace: float) -> None:
     for task in late:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)  # their crashes were logged by _finished
+
+
+class StoreLease:
+    """Leases as rows of the state store's ``schedule_runs``: claiming a fire time is inserting it, so
+    exactly one replica sharing the store runs it — and a restart never runs it again."""
+
+    def __init__(self, store: StateStore, clock: Callable[[], datetime] = _utc_now) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
+        prefix, name, fire = key.split(":", 2)
+        if prefix != "schedule":
+            raise ValueError(f"not a schedule lease key: {key!r}")
+        return await self.store.claim_schedule_run(name, datetime.fromisoformat(fire), holder=holder, at=self.clock())
+
+
+SCHEDULER_USER = "opsbot:scheduler"  # the actor scheduled commands run (and are audited) as
+
+
+def build_scheduler(container: Container, *, holder: str, clock: Callable[[], datetime] = _utc_now) -> Scheduler | None:
+    """The inventory's schedules, run through the router as the scheduler, posted to the ops channel."""
+    inventory = container.loaded.inventory
+    if not inventory.schedules:
+        return None
+    deps = container.deps
+    deps.roles.grant(SCHEDULER_USER, Role.OPERATOR)
+    store = container.store
+    channel = inventory.ops_channel
+
+    async def run(spec: ScheduleSpec, fire_time: datetime) -> str:
+        reply = await container.router.dispatch(
+            user_id=SCHEDULER_USER, channel_id=channel or "schedule", text=spec.command, deps=deps,
+            interface="schedule",
+        )  # fmt: skip
+        if container.slack is not None and channel:
+            reply.ephemeral = False  # a schedule speaks to the whole ops channel
+            ts = await post_reply(container.slack, channel, reply)
+            if ts is not None and reply.approval_id is not None:
+                await store.attach_approval_message(reply.approval_id, channel, ts)
+        first = reply.text.splitlines()[0] if reply.text else ""
+        if reply.outcome not in ("ok", "pending"):
+            raise RuntimeError(f"{reply.outcome}: {first}"[:300])
+        return first[:300] or OK
+
+    async def last_run(name: str) -> datetime | None:
+        found = (await store.last_schedule_runs()).get(name)
+        return found.fire_at if found else None
+
+    async def record(name: str, fire_time: datetime, outcome: str) -> None:
+        await store.finish_schedule_run(name, fire_time, outcome=outcome, at=clock())
+
+    return Scheduler(
+        inventory.schedules, run, StoreLease(store), holder=holder, default_tz=inventory.timezone,
+        last_runs=last_run, record=record, redactor=container.redactor, clock=clock,
+    )  # fmt: skip

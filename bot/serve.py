@@ -15,6 +15,7 @@ from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from bot.app import build_bolt_app
 from bot.container import Container, build_container
 from bot.metrics import Metrics
+from bot.scheduler import build_scheduler
 from bot.server import Readiness, ReadyCheck, Runtime, build_web_app
 from bot.settings import Settings
 from handlers.approvals import sweeper
@@ -28,6 +29,8 @@ STORE_WAIT = 60.0
 DRAIN_TIMEOUT = 30.0
 # How often expired approvals and runs left behind by a dead process are looked for.
 SWEEP_EVERY = 10.0
+# How often the scheduler looks for due schedules (fire times are exact; this is the latency).
+SCHEDULE_EVERY = 20.0
 
 
 async def _started(runtime: Runtime) -> str | None:
@@ -101,6 +104,8 @@ async def _run(
         bolt = build_bolt_app(container)
         # The first sweep runs before Slack is served: runs a crash left `running` are reported now.
         sweeping = asyncio.create_task(sweeper(container.deps, SWEEP_EVERY, stop), name="approval-sweeper")
+        scheduler = build_scheduler(container, holder=container.deps.approvals.instance)
+        scheduling = asyncio.create_task(scheduler.loop(stop, SCHEDULE_EVERY), name="scheduler") if scheduler else None
         # Everything built so far lives as long as the process: keep the cyclic GC from
         # rescanning it (full collections over the libraries' objects stall acks ~100 ms).
         gc.collect()
@@ -131,3 +136,5 @@ async def _run(
         sweeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeping
+        if scheduling is not None:
+            await scheduling  # returns once stop is set and its runs have drained

@@ -1,10 +1,22 @@
 """Imports every command module so that their ``@subcommand`` declarations are registered."""
 
-from handlers import approvals, audit, backup, deploy, health, help, jobs
-from handlers.registry import Registry, registry
+from handlers import approvals, audit, backup, deploy, health, help, jobs, schedules
+from handlers.registry import Registry, registry, tokenize
+from services.errors import CommandError
 from services.inventory import Inventory
 
-__all__ = ["approvals", "audit", "backup", "deploy", "health", "help", "jobs", "load_registry", "policy_problems"]
+__all__ = [
+    "approvals",
+    "audit",
+    "backup",
+    "deploy",
+    "health",
+    "help",
+    "jobs",
+    "load_registry",
+    "policy_problems",
+    "schedules",
+]
 
 
 def load_registry() -> Registry:
@@ -13,9 +25,19 @@ def load_registry() -> Registry:
 
 
 def policy_problems(inventory: Inventory) -> list[str]:
-    """Approval rules that name a command which does not exist or does not need approval."""
+    """Approval rules that name a command which does not exist or does not need approval, and
+    schedules whose command is not one."""
     gated = sorted(c.verb for c in registry if c.risk.needs_approval)
-    return [
+    problems = [
         f"approvals.commands.{name}: not a command that needs approval (those are: {', '.join(gated)})"
         for name in sorted(set(inventory.approvals.commands) - set(gated))
     ]
+    for index, schedule in enumerate(inventory.schedules):
+        try:
+            command, _ = registry.find(tokenize(schedule.command))
+        except CommandError as exc:
+            problems.append(f"schedules.{index}.command: {exc.message}")
+            continue
+        if command is None:
+            problems.append(f"schedules.{index}.command: `/ops {schedule.command[:40]}` is not an opsbot command")
+    return problems

@@ -95,6 +95,11 @@ async def deliver(
         return None
 
 
+async def post_reply(client: AsyncWebClient, channel_id: str, reply: Reply) -> str | None:
+    """Post a reply in a channel nobody typed in (a schedule's, an alert's); the ts of its message."""
+    return await _post_threaded(client, channel_id, messages_for(reply))
+
+
 async def _post_threaded(client: AsyncWebClient, channel_id: str, messages: list[OutMessage]) -> str | None:
     thread_ts: str | None = None
     for message in messages:

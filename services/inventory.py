@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from services.errors import InventoryError
+from services.schedules import ScheduleSpec
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 SlackId = Annotated[str, StringConstraints(pattern=r"^(\*|[UWS][A-Z0-9]{2,})$")]
@@ -367,6 +368,9 @@ class Inventory(_Model):
     health: HealthSettings = Field(default_factory=HealthSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     backups: BackupSettings = Field(default_factory=BackupSettings)
+    schedules: list[ScheduleSpec] = Field(
+        default_factory=list, description="Commands run on a cron schedule: digests, backups, checks, keep-alives."
+    )
     services: dict[Name, Service] = Field(min_length=1)
 
     @field_validator("timezone")
@@ -454,6 +458,11 @@ def _cross_checks(inventory: Inventory) -> list[str]:
         and spec.jobs is not None
         and not _has_jobs_table(inventory.services[s].components.get(spec.jobs))
     ]
+    seen: set[str] = set()
+    for index, schedule in enumerate(inventory.schedules):
+        if schedule.name in seen:
+            problems.append(f"schedules.{index}.name: {schedule.name!r} is used by an earlier schedule")
+        seen.add(schedule.name)
     problems += [
         f"services.{name}.backup.destination: {service.backup.destination!r} is not one of "
         f"backups.destinations: {sorted(destinations)}"

@@ -329,3 +329,32 @@ def test_config_check_refuses_an_approval_rule_for_an_unknown_command(
     err = capsys.readouterr().err
     assert "approvals.commands.jobs reset: not a command that needs approval (those are: jobs reset-stuck, " in err
     assert "lifecycle, restart, restore, rollback, scale)" in err
+
+
+def test_config_check_refuses_a_schedule_whose_command_is_not_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import config_check
+
+    path = tmp_path / "schedules.yaml"
+    path.write_text(
+        "schedules:\n"
+        '  - {name: nightly, cron: "0 2 * * *", command: "hleath all"}\n'
+        '  - {name: nightly, cron: "61 2 * * *", command: "health all"}\n'
+        "services:\n  shop:\n    components:\n      db: {type: sqlite, path: /tmp/x.db}\n"
+    )
+    assert config_check(path) == 1
+    err = capsys.readouterr().err
+    assert "schedules.1.cron" in err and "minute '61' is out of range" in err
+    path.write_text(
+        "schedules:\n"
+        '  - {name: nightly, cron: "0 2 * * *", command: "hleath all"}\n'
+        '  - {name: nightly, every_minutes: 14, command: "health all"}\n'
+        "services:\n  shop:\n    components:\n      db: {type: sqlite, path: /tmp/x.db}\n"
+    )
+    assert config_check(path) == 1
+    err = capsys.readouterr().err
+    assert "schedules.1.name: 'nightly' is used by an earlier schedule" in err
+    path.write_text(path.read_text().replace("{name: nightly, every", "{name: keepalive, every"))
+    assert config_check(path) == 1
+    assert "schedules.0.command: `/ops hleath all` is not an opsbot command" in capsys.readouterr().err
