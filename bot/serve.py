@@ -18,7 +18,10 @@ from bot.metrics import Metrics
 from bot.scheduler import build_scheduler
 from bot.server import Readiness, ReadyCheck, Runtime, build_web_app
 from bot.settings import Settings
+from handlers.alerts import SlackAlerts
 from handlers.approvals import sweeper
+from services.alerts.watch import Watcher
+from services.probes import PROBED_TYPES
 from services.redaction import Redactor
 
 log = structlog.get_logger(__name__)
@@ -88,6 +91,23 @@ async def serve(
     return 0
 
 
+def build_watcher(container: Container) -> Watcher | None:
+    """The alert watcher, posting to the ops channel (when there is one and a Slack client)."""
+    inventory = container.loaded.inventory
+    if not inventory.alerts.enabled:
+        return None
+    notifier = (
+        SlackAlerts(container.slack, inventory.ops_channel)
+        if container.slack is not None and inventory.ops_channel
+        else None
+    )
+    watcher = Watcher(
+        container.store, inventory, container.deps.probe_for, container.http, container.redactor,
+        probed_types=PROBED_TYPES, notifier=notifier,
+    )  # fmt: skip
+    return watcher if watcher.components else None
+
+
 async def _run(
     settings: Settings,
     redactor: Redactor,
@@ -106,6 +126,8 @@ async def _run(
         sweeping = asyncio.create_task(sweeper(container.deps, SWEEP_EVERY, stop), name="approval-sweeper")
         scheduler = build_scheduler(container, holder=container.deps.approvals.instance)
         scheduling = asyncio.create_task(scheduler.loop(stop, SCHEDULE_EVERY), name="scheduler") if scheduler else None
+        watcher = build_watcher(container)
+        watching = asyncio.create_task(watcher.loop(stop), name="watcher") if watcher else None
         # Everything built so far lives as long as the process: keep the cyclic GC from
         # rescanning it (full collections over the libraries' objects stall acks ~100 ms).
         gc.collect()
@@ -138,3 +160,7 @@ async def _run(
             await sweeping
         if scheduling is not None:
             await scheduling  # returns once stop is set and its runs have drained
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching

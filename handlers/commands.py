@@ -1,11 +1,12 @@
 """Imports every command module so that their ``@subcommand`` declarations are registered."""
 
-from handlers import approvals, audit, backup, deploy, health, help, jobs, schedules
+from handlers import alerts, approvals, audit, backup, deploy, health, help, jobs, schedules
 from handlers.registry import Registry, registry, tokenize
 from services.errors import CommandError
 from services.inventory import Inventory
 
 __all__ = [
+    "alerts",
     "approvals",
     "audit",
     "backup",

@@ -15,7 +15,7 @@ from handlers import blocks as bk
 from handlers.approvals import FOLLOWUPS
 from handlers.context import Block, Deps, OpsContext, Reply
 from handlers.health import resolve_service
-from handlers.registry import CommandArgs, clip_token, subcommand
+from handlers.registry import CLICK_COMMANDS, CommandArgs, clip_token, subcommand
 from services.access import Risk
 from services.approvals import Outcome, Plan, Progress
 from services.deploy.base import DeployError, Release, ReleaseProvider
@@ -578,7 +578,5 @@ def register_actions(
     engine.register("lifecycle", LifecycleAction(inventory, providers, health, redactor))
 
 
-CLICK_COMMANDS: dict[str, Callable[[Deps, Mapping[str, Any]], Awaitable[str]]] = {
-    ROLLBACK_PICK: pick_command,
-    ROLL_FORWARD: roll_forward_command,
-}
+CLICK_COMMANDS[ROLLBACK_PICK] = pick_command
+CLICK_COMMANDS[ROLL_FORWARD] = roll_forward_command

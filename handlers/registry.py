@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -160,3 +160,9 @@ def clip_token(text: str, limit: int = 40) -> str:
 # The one registry the bot uses; command modules declare into it with ``@subcommand``.
 registry = Registry()
 subcommand = registry.subcommand
+
+
+# Clicks that ask for a command (a release picked from a menu, a roll-forward, a silence): action_id ->
+# the command text the click stands for, run as the clicker (registered by the command's module).
+ClickCommand = Callable[[Any, Mapping[str, Any]], Awaitable[str]]
+CLICK_COMMANDS: dict[str, ClickCommand] = {}

@@ -15,7 +15,7 @@ from handlers import blocks as bk
 from handlers.approvals import ACTION_IDS, approval_blocks, approval_text, decide
 from handlers.blocks import OutMessage, messages_for
 from handlers.context import Block, Deps, Reply
-from handlers.deploy import CLICK_COMMANDS
+from handlers.registry import CLICK_COMMANDS
 from handlers.router import Router, new_request_id
 from services.approvals import ApprovalEngine
 from services.errors import CommandError

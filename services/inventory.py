@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from services.alerts.rules import AlertRule
 from services.errors import InventoryError
 from services.schedules import ScheduleSpec
 
@@ -51,6 +52,10 @@ class _Model(BaseModel):
 class ComponentBase(_Model):
     description: str = ""
     timeout: float = Field(5.0, gt=0, le=120, description="Seconds a single probe may take.")
+    alerts: list[AlertRule] = Field(
+        default_factory=list,
+        description="Alert rules the watcher evaluates (default for probed types: ServiceDown after 1 min).",
+    )
 
 
 class HttpComponent(ComponentBase):
@@ -359,6 +364,17 @@ class ApprovalSettings(_Model):
     )
 
 
+class AlertSettings(_Model):
+    """The watcher: how often it probes, how long results are kept, the rule every component gets."""
+
+    interval_seconds: float = Field(60.0, ge=5, le=3600, description="Seconds between two rounds of probes.")
+    history_days: int = Field(35, ge=1, le=400, description="Days of probe results kept for digests and charts.")
+    down_by_default: bool = Field(
+        True, description="A probed component without rules of its own gets ServiceDown (down for 1 min)."
+    )
+    enabled: bool = Field(True, description="Run the watcher in `opsbot serve`.")
+
+
 class Inventory(_Model):
     """The whole inventory file."""
 
@@ -368,6 +384,7 @@ class Inventory(_Model):
     health: HealthSettings = Field(default_factory=HealthSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     backups: BackupSettings = Field(default_factory=BackupSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     schedules: list[ScheduleSpec] = Field(
         default_factory=list, description="Commands run on a cron schedule: digests, backups, checks, keep-alives."
     )
