@@ -1,6 +1,6 @@
 """Imports every command module so that their ``@subcommand`` declarations are registered."""
 
-from handlers import alerts, approvals, audit, backup, deploy, health, help, jobs, schedules
+from handlers import alerts, approvals, audit, backup, deploy, digest, health, help, jobs, schedules
 from handlers.registry import Registry, registry, tokenize
 from services.errors import CommandError
 from services.inventory import Inventory
@@ -11,6 +11,7 @@ __all__ = [
     "audit",
     "backup",
     "deploy",
+    "digest",
     "health",
     "help",
     "jobs",

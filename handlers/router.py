@@ -151,7 +151,7 @@ class Router:
 
     def _unknown(self, word: str, roles: frozenset[Role]) -> str:
         allowed = sorted({c.verb.split()[0] for c in self.registry if may_run(roles, c)})
-        close = difflib.get_close_matches(word.lower(), allowed, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(word.lower(), allowed, n=3, cutoff=0.6)
         shown = clip_token(word)
         if close:
             return f"There is no `/ops {shown}`. Did you mean " + " or ".join(f"`/ops {c}`" for c in close) + "?"

@@ -1,0 +1,759 @@
+"""/ops digest [daily|weekly|monthly] [--post]: the runbooks' periodic checklists as one message.
+
+A digest probes every service afresh, reads the backup catalog, the approvals and runs of its
+period, the alert states and the audit chain, and puts every problem first. Each section ends with
+what changed since the previous *posted* digest of the same kind; a preview (without ``--post``)
+saves nothing, so it never changes what the next posted digest compares with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import Field
+
+from handlers import blocks as bk
+from handlers.backup import ago, size
+from handlers.context import Block, Deps, OpsContext, Reply
+from handlers.health import targets_for
+from handlers.jobs import JobsTarget
+from handlers.registry import CommandArgs, clip_token, subcommand
+from services.access import Risk
+from services.alerts.rules import AlertState, Phase
+from services.alerts.watch import state_from_json, watched
+from services.backup.runner import BackupRunner
+from services.errors import CommandError
+from services.health import HealthReport, Status, check_health
+from services.inventory import CloudSqlComponent, PostgresComponent
+from services.state import Approval, ApprovalState, BackupRecord, BackupState
+
+PERIODS: dict[str, timedelta] = {
+    "daily": timedelta(hours=24),
+    "weekly": timedelta(days=7),
+    "monthly": timedelta(days=30),
+}
+SNAPSHOT_VERSION = 1
+PROGRESS_AFTER = 2.0  # seconds before the caller is told the digest is being put together
+SECTION_LINES = 20  # lines listed per section; the rest are counted ("… and N more")
+LINE_CHARS = 280  # one listed line at most (keeps every section within two or three blocks)
+CHANGE_ITEMS = 8  # names listed per kind of change
+APPROVALS_READ = 1000  # approvals read per digest (newest first); plenty for a small team's month
+FAILED_BACKUPS_READ = 200
+JOBS_LIMIT = 5  # stuck jobs fetched per jobs table: the count is what the checklist needs
+
+S = ApprovalState
+OPEN_STATES = (S.PENDING, S.APPROVED, S.RUNNING)
+FINISHED_STATES = (S.SUCCEEDED, S.FAILED, S.INTERRUPTED, S.DENIED, S.EXPIRED, S.CANCELLED)
+FAILED_STATES = (S.FAILED, S.INTERRUPTED)
+
+OK_MARK = ":white_check_mark:"
+CROSS_MARK = ":x:"
+
+
+def current_time() -> datetime:
+    """Now, in UTC: the one place this module reads the clock (a scheduler or a test may replace it)."""
+    return datetime.now(UTC)
+
+
+def digest_kind(word: str) -> str:
+    """``daily``, ``weekly`` or ``monthly`` from what the caller typed, or a one-sentence refusal."""
+    kind = word.strip().lower()
+    if kind not in PERIODS:
+        raise CommandError(f"There is no `{clip_token(word)}` digest: choose daily, weekly or monthly.")
+    return kind
+
+
+# -- what a digest is made of ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that needs a person. ``key`` identifies it across digests (``health:shop``)."""
+
+    key: str
+    line: str  # mrkdwn, for the message
+    text: str  # plain and short, for the fallback text and the next digest's "resolved" list
+    severity: Status = Status.WARNING
+
+
+@dataclass
+class Part:
+    """One section of the digest: a title, its lines, and what changed since the last digest."""
+
+    title: str
+    lines: list[str]
+    change: str
+    note: str = ""
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    """One runbook checklist item the bot checks itself: ticked or crossed, with one short reason."""
+
+    key: str
+    label: str
+    ok: bool
+    reason: str
+    severity: Status = Status.WARNING  # of the problem a crossed item is
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A built digest: the message, and the snapshot the next digest of this kind compares with."""
+
+    kind: str
+    at: datetime
+    start: datetime
+    text: str
+    blocks: list[Block]
+    summary: list[Block]
+    snapshot: dict[str, Any]
+    problems: tuple[Problem, ...]
+    status: Status
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """The last posted digest of this kind (or none): when, and what it showed."""
+
+    at: datetime | None
+    snapshot: Mapping[str, Any]
+
+    @property
+    def first(self) -> bool:
+        return self.at is None
+
+    def names(self, key: str) -> set[str]:
+        value = self.snapshot.get(key)
+        return {str(v) for v in value} if isinstance(value, list) else set()
+
+    def pairs(self, key: str) -> list[tuple[str, str]]:
+        """A list of ``[key, text]`` pairs, in the order the digest showed them."""
+        value = self.snapshot.get(key)
+        items = value if isinstance(value, list) else []
+        return [(str(i[0]), str(i[1])) for i in items if isinstance(i, list | tuple) and len(i) == 2]
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.snapshot.get(key)
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+@dataclass
+class _Context:
+    """What every section builder needs: the deps, the period, the zone, the previous snapshot."""
+
+    deps: Deps
+    kind: str
+    now: datetime
+    start: datetime
+    zone: ZoneInfo
+    previous: _Previous
+
+    def when(self, moment: datetime | None) -> str:
+        if moment is None:
+            return "?"
+        local = moment.astimezone(self.zone)
+        if local.date() == self.now.astimezone(self.zone).date():
+            return local.strftime("%H:%M %Z")
+        return local.strftime("%Y-%m-%d %H:%M %Z")
+
+    def full(self, moment: datetime) -> str:
+        return moment.astimezone(self.zone).strftime("%Y-%m-%d %H:%M")
+
+    def in_period(self, moment: datetime | None) -> bool:
+        return moment is not None and self.start < moment <= self.now
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+
+def _moment(value: object) -> datetime | None:
+    """A time from stored JSON (ISO text or epoch seconds), as aware UTC; None if it is neither."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _line(text: str) -> str:
+    return bk.clip(text, LINE_CHARS)
+
+
+def _bounded(lines: Sequence[str], limit: int = SECTION_LINES, what: str = "more") -> list[str]:
+    """At most ``limit`` lines, the rest counted (never dropped silently)."""
+    shown = [_line(line) for line in lines[:limit]]
+    if len(lines) > limit:
+        shown.append(f"… and {len(lines) - limit:,} {what}")
+    return shown
+
+
+def _names(items: Sequence[str], limit: int = CHANGE_ITEMS, sep: str = ", ") -> str:
+    shown = sep.join(items[:limit])
+    return shown + (f" … and {len(items) - limit:,} more" if len(items) > limit else "")
+
+
+def _changes(previous: _Previous, parts: Iterable[tuple[str, Sequence[str]]]) -> str:
+    """``new: shop critical; recovered: blog``, ``no change``, or ``first digest``."""
+    if previous.first:
+        return "first digest"
+    said = [f"{label}: {_names(list(items))}" for label, items in parts if items]
+    return "; ".join(said) or "no change"
+
+
+def _hours(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 3600:g} h"
+
+
+# -- health ----------------------------------------------------------------------------------------
+
+
+def _health_part(ctx: _Context, report: HealthReport) -> tuple[Part, dict[str, str]]:
+    by_service = report.by_service()  # worst service first, worst component first
+    statuses = {service: max(i.result.status for i in items).label for service, items in by_service.items()}
+    lines: list[str] = []
+    problems: list[Problem] = []
+    healthy: list[str] = []
+    for service, items in by_service.items():
+        worst = max(i.result.status for i in items)
+        if worst is Status.HEALTHY:
+            healthy.append(service)
+            continue
+        bad = [i for i in items if i.result.status is not Status.HEALTHY]
+        detail = "; ".join(
+            f"{bk.escape(i.target.component)}: {i.result.status.label} — {bk.escape(i.result.detail)}" for i in bad
+        )
+        emoji = bk.STATUS_EMOJI[worst]
+        lines.append(f"{emoji} *{bk.escape(service)}* {worst.label} — {detail}")
+        first = bad[0]
+        problems.append(
+            Problem(
+                f"health:{service}",
+                _line(f"{emoji} *{bk.escape(service)}* is {worst.label}: {detail}"),
+                f"{service} {worst.label} ({first.target.component}: {first.result.detail[:80]})",
+                worst,
+            )
+        )
+    lines = _bounded(lines, what="more services with problems")
+    if healthy:
+        lines.append(_line(f"{bk.STATUS_EMOJI[Status.HEALTHY]} healthy: {bk.escape(_names(healthy))}"))
+    if not by_service:
+        lines.append("Nothing was probed (no component has a health check).")
+    note = ""
+    if report.skipped:
+        skipped = ", ".join(f"{t.service}/{t.component} ({t.type})" for t in report.skipped[:10])
+        more = f" … and {len(report.skipped) - 10} more" if len(report.skipped) > 10 else ""
+        note = f"Not probed (no health check for their type): {bk.escape(skipped)}{more}"
+    before = {k: str(v) for k, v in ctx.previous.mapping("health").items()}
+    rank = {s.label: s for s in Status}
+    new, worse, better, recovered = [], [], [], []
+    for service, label in statuses.items():
+        was = rank.get(before.get(service, "healthy"), Status.HEALTHY)
+        now = rank[label]
+        if now is Status.HEALTHY and was is not Status.HEALTHY:
+            recovered.append(service)
+        elif was is Status.HEALTHY and now is not Status.HEALTHY:
+            new.append(f"{service} {label}")
+        elif now > was:
+            worse.append(f"{service} {was.label} → {label}")
+        elif now < was:
+            better.append(f"{service} {was.label} → {label}")
+    change = _changes(ctx.previous, [("new", new), ("worse", worse), ("better", better), ("recovered", recovered)])
+    title = f"*Health* — {len(statuses) - len(healthy)} of {len(statuses)} service(s) not healthy"
+    return Part(title, lines, change, note, problems), statuses
+
+
+# -- backups ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BackupStanding:
+    service: str
+    component: str
+    newest: BackupRecord | None
+    expected: timedelta
+    overdue: bool
+    note: str = ""  # why the newest may be unknown (Cloud SQL unreachable)
+
+
+async def _cloudsql_newest(ctx: _Context, runner: BackupRunner, service: str) -> tuple[dict[str, BackupRecord], str]:
+    """Newest good Cloud SQL backup run per instance of ``service`` (Google keeps the automated ones)."""
+    try:
+        async with asyncio.timeout(ctx.deps.inventory.health.deadline):
+            runs = await runner.cloudsql_runs(service, limit=5)
+    except CommandError as exc:
+        return {}, f"could not list the Cloud SQL backup runs: {exc.message}"
+    except TimeoutError:
+        return {}, "the Cloud SQL Admin API did not answer in time"
+    newest: dict[str, BackupRecord] = {}
+    for component, records in runs.items():
+        good = [r for r in records if r.state is BackupState.GOOD]
+        if good:
+            newest[component] = max(good, key=lambda r: r.started_at)
+    return newest, ""
+
+
+async def _backup_standings(ctx: _Context, runner: BackupRunner) -> list[_BackupStanding]:
+    found: list[_BackupStanding] = []
+    for service in ctx.deps.inventory.services:
+        components = runner.components(service)
+        if not components:
+            continue
+        managed: dict[str, BackupRecord] = {}
+        note = ""
+        if any(isinstance(spec, CloudSqlComponent) for spec in components.values()):
+            managed, note = await _cloudsql_newest(ctx, runner, service)
+        expected = runner.expected_every(service)
+        for component, spec in components.items():
+            candidates = [r for r in (await runner.newest_good(service, component), managed.get(component)) if r]
+            newest = max(candidates, key=lambda r: r.started_at, default=None)
+            overdue = newest is None or ctx.now - newest.started_at > expected
+            why = note if isinstance(spec, CloudSqlComponent) else ""
+            found.append(_BackupStanding(service, component, newest, expected, overdue, why))
+    return found
+
+
+def _backup_line(ctx: _Context, item: _BackupStanding) -> str:
+    where = f"*{bk.escape(item.service)}/{bk.escape(item.component)}*"
+    extra = f" ({bk.escape(item.note)})" if item.note else ""
+    if item.newest is None:
+        return f":warning: {where} — *no good backup yet*{extra}"
+    record = item.newest
+    age = ago(ctx.now - record.started_at)
+    taken = f"{age} ({ctx.when(record.started_at)}"
+    taken += f", {size(record.size)})" if record.source != "cloudsql" else ", Cloud SQL)"
+    if item.overdue:
+        return f":warning: {where} — *overdue*: newest good {taken}, expected every {_hours(item.expected)}{extra}"
+    return f"{bk.STATUS_EMOJI[Status.HEALTHY]} {where} — newest good {taken}"
+
+
+async def _backups_part(ctx: _Context) -> tuple[Part, list[str], CheckItem | None]:
+    runner = ctx.deps.backups
+    previous = ctx.previous.names("backups_overdue")
+    if runner is None:
+        check = CheckItem("backups", "Backups on time", False, "backups are not set up in this bot")
+        text = "Backups are not set up in this bot."
+        return Part("*Backups*", [text], _changes(ctx.previous, [])), [], check
+    standings = await _backup_standings(ctx, runner)
+    if not standings:
+        text = "No component here is one opsbot backs up (postgres, mongodb, sqlite, files or cloudsql)."
+        return Part("*Backups*", [text], _changes(ctx.previous, [])), [], None
+    standings.sort(key=lambda s: (not s.overdue, s.newest is not None, s.service, s.component))
+    overdue = [s for s in standings if s.overdue]
+    names = [f"{s.service}/{s.component}" for s in overdue]
+    problems = [
+        Problem(
+            f"backup:{s.service}/{s.component}",
+            _line(_backup_line(ctx, s)),
+            f"backup {s.service}/{s.component} "
+            + ("missing" if s.newest is None else f"overdue ({ago(ctx.now - s.newest.started_at)})"),
+        )
+        for s in overdue
+    ]
+    lines = _bounded([_backup_line(ctx, s) for s in standings], what="more components")
+    failed = [
+        r
+        for r in await ctx.deps.store.list_backups(states=[BackupState.FAILED], limit=FAILED_BACKUPS_READ)
+        if ctx.in_period(r.started_at)
+    ]
+    if failed:
+        shown = _names([f"`{r.id}`" for r in failed], limit=5)
+        lines.append(_line(f":red_circle: {len(failed)} backup(s) failed in this period: {shown}"))
+    change = _changes(
+        ctx.previous,
+        [
+            ("newly overdue", [n for n in names if n not in previous]),
+            ("back on time", sorted(previous - set(names))),
+        ],
+    )
+    title = f"*Backups* — {len(overdue)} of {len(standings)} component(s) overdue or missing"
+    if overdue:
+        reason = _names([p.text for p in problems], limit=3, sep="; ")
+        check = CheckItem("backups", "Backups on time", False, reason)
+    else:
+        check = CheckItem(
+            "backups", "Backups on time", True, f"{len(standings)} component(s) backed up within their interval"
+        )
+    return Part(title, lines, change, problems=problems), sorted(names), check
+
+
+# -- approvals and runs ----------------------------------------------------------------------------
+
+
+def _run_line(ctx: _Context, approval: Approval) -> str:
+    what = f"`{approval.id}` `/ops {bk.escape(approval.action)} {bk.escape(approval.service)}`"
+    if approval.state is S.PENDING:
+        late = " *(past its expiry)*" if approval.expires_at <= ctx.now else ""
+        return (
+            f":hourglass_flowing_sand: {what} waiting for approval since {ctx.when(approval.created_at)}, "
+            f"expires {ctx.when(approval.expires_at)}{late} — {bk.escape(approval.summary)}"
+        )
+    if approval.state in (S.APPROVED, S.RUNNING):
+        return f":gear: {what} {approval.state.value} since {ctx.when(approval.started_at or approval.decided_at)}"
+    result = approval.result.splitlines()[0] if approval.result else ""
+    return f":red_circle: {what} *{approval.state.value}* {ctx.when(approval.finished_at)}" + (
+        f": {bk.escape(result)}" if result else f" — {bk.escape(approval.summary)}"
+    )
+
+
+def _ended_at(approval: Approval) -> datetime:
+    return approval.finished_at or approval.decided_at or approval.created_at
+
+
+async def _runs_part(ctx: _Context) -> tuple[Part, dict[str, list[str]], CheckItem]:
+    store = ctx.deps.store
+    opened = await store.list_approvals(OPEN_STATES, limit=APPROVALS_READ)
+    finished = [
+        a for a in await store.list_approvals(FINISHED_STATES, limit=APPROVALS_READ) if ctx.in_period(_ended_at(a))
+    ]
+    failed = sorted((a for a in finished if a.state in FAILED_STATES), key=_ended_at, reverse=True)
+    pending = [a for a in opened if a.state is S.PENDING]
+    overdue = [a for a in pending if a.expires_at <= ctx.now]
+    counts = {state: sum(1 for a in finished if a.state is state) for state in FINISHED_STATES}
+    tally = ", ".join(f"{n} {state.value}" for state, n in counts.items() if n) or "nothing finished"
+    lines = _bounded([_run_line(ctx, a) for a in failed], what="more failed runs")
+    lines += _bounded([_run_line(ctx, a) for a in opened], limit=10, what="more open requests")
+    if not failed and not opened:
+        lines.append("No failed run in this period and nothing waiting for approval.")
+    problems = [
+        Problem(
+            f"run:{a.id}",
+            _line(_run_line(ctx, a)),
+            f"run {a.id} ({a.action} {a.service}) {a.state.value}",
+            Status.CRITICAL,
+        )
+        for a in failed
+    ]
+    before_failed = ctx.previous.names("runs_failed")
+    before_pending = ctx.previous.names("pending")
+    pending_ids = [a.id for a in pending]
+    change = _changes(
+        ctx.previous,
+        [
+            ("new failures", [f"`{a.id}` ({a.action} {a.service})" for a in failed if a.id not in before_failed]),
+            ("newly pending", [f"`{i}`" for i in pending_ids if i not in before_pending]),
+            ("no longer pending", [f"`{i}`" for i in sorted(before_pending - set(pending_ids))]),
+        ],
+    )
+    title = f"*Approvals and runs* — {len(failed)} failed, {len(pending)} pending"
+    note = f"Finished in this period: {tally}."
+    if overdue:
+        check = CheckItem(
+            "approvals",
+            "No request past its expiry",
+            False,
+            f"{len(overdue)} pending request(s) past their expiry: "
+            + ", ".join(f"`{a.id}`" for a in overdue[:5])
+            + " (the sweeper has not expired them)",
+        )
+    else:
+        check = CheckItem(
+            "approvals",
+            "No request past its expiry",
+            True,
+            f"{len(pending)} pending, none past its expiry" if pending else "nothing is waiting for approval",
+        )
+    snapshot = {"runs_failed": sorted(a.id for a in failed), "pending": sorted(pending_ids)}
+    return Part(title, lines, change, note, problems), snapshot, check
+
+
+# -- alerts ----------------------------------------------------------------------------------------
+
+
+def _alert_line(ctx: _Context, state: AlertState, silenced_until: datetime | None) -> str:
+    line = f":rotating_light: *{bk.escape(state.key)}* firing since {ctx.when(state.fired_at or state.since)}"
+    if state.phase is Phase.RESOLVING:
+        line += " (recovering)"
+    if state.evidence:
+        line += f" — {bk.escape(state.evidence[:200])}"
+    if silenced_until is not None:
+        line += f" · silenced until {ctx.when(silenced_until)}"
+    return line
+
+
+def _severities(deps: Deps) -> dict[str, Status]:
+    """Each alert's severity from its rule in the inventory (ServiceDown by default is critical)."""
+    return {
+        rule.key(w.target.service, w.target.component): Status.CRITICAL
+        if rule.severity == "critical"
+        else Status.WARNING
+        for w in watched(deps.inventory, frozenset(deps.probes))
+        for rule in w.rules
+    }
+
+
+async def _alerts_part(ctx: _Context) -> tuple[Part, list[str]]:
+    stored = await ctx.deps.store.load_alerts()
+    states = {key: state_from_json(alert.state, key) for key, alert in stored.items()}
+    silences = {s.key: s.until for s in await ctx.deps.store.active_silences(ctx.now)}
+    severity = _severities(ctx.deps)
+    firing = sorted((s for s in states.values() if s.firing), key=lambda s: (s.fired_at or ctx.now, s.key))
+    firing_keys = [s.key for s in firing]
+    fired_now = [s for s in firing if ctx.in_period(s.fired_at)]
+    before = ctx.previous.names("alerts_firing")
+    # An alert's state starts over when it resolves, so what resolved is what was firing at the last
+    # digest and is not now (and, should the watcher keep it, a ``resolved_at`` in the period).
+    resolved = before - set(firing_keys)
+    resolved |= {
+        key
+        for key, alert in stored.items()
+        if key not in firing_keys and ctx.in_period(_moment(alert.state.get("resolved_at")))
+    }
+    problems = [
+        Problem(
+            f"alert:{s.key}",
+            _line(_alert_line(ctx, s, silences.get(s.key))),
+            f"alert {s.key} firing",
+            severity.get(s.key, Status.WARNING),
+        )
+        for s in firing
+    ]
+    lines = _bounded([_alert_line(ctx, s, silences.get(s.key)) for s in firing], what="more firing alerts")
+    if resolved:
+        lines.append(_line(f"{bk.STATUS_EMOJI[Status.HEALTHY]} resolved: {bk.escape(_names(sorted(resolved)))}"))
+    if not firing and not resolved:
+        lines.append("No alert is firing." if stored else "No alert has fired yet.")
+    change = _changes(
+        ctx.previous,
+        [("fired", [k for k in firing_keys if k not in before]), ("resolved", sorted(before - set(firing_keys)))],
+    )
+    title = f"*Alerts* — {len(firing)} firing ({len(fired_now)} fired in this period), {len(resolved)} resolved"
+    return Part(title, lines, change, problems=problems), firing_keys
+
+
+# -- the checklist ---------------------------------------------------------------------------------
+
+
+async def _stuck_jobs(ctx: _Context, service: str, target: JobsTarget) -> tuple[str, int | None]:
+    """Stuck jobs in one jobs table, or None with why it could not be checked (a crossed item)."""
+    component, spec = target.component, target.spec
+    client = target.client(ctx.deps.redactor)
+    try:
+        async with asyncio.timeout(spec.timeout * 2 + 1):
+            summary = await client.summary(limit=JOBS_LIMIT)
+    except CommandError as exc:
+        return f"{service}/{component}: could not check ({exc.message.rstrip('.')})", None
+    except TimeoutError:
+        return f"{service}/{component}: could not check (no answer in time)", None
+    minutes = summary.threshold_minutes
+    if summary.stuck_total:
+        return f"{service}/{component}: {summary.stuck_total:,} stuck over {minutes} min", summary.stuck_total
+    return f"{service}/{component}: none stuck over {minutes} min", 0
+
+
+async def _jobs_check(ctx: _Context) -> CheckItem | None:
+    tables = [
+        (service, JobsTarget(component, spec, spec.jobs))
+        for service, component, spec in ctx.deps.inventory.components()
+        if isinstance(spec, PostgresComponent) and spec.jobs is not None
+    ]
+    if not tables:
+        return None
+    results = await asyncio.gather(*(_stuck_jobs(ctx, service, target) for service, target in tables))
+    bad = [text for text, stuck in results if stuck != 0]
+    if bad:
+        more = f" … and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return CheckItem("jobs", "No jobs stuck in processing", False, "; ".join(bad[:3]) + more)
+    reason = results[0][0] if len(results) == 1 else f"{len(results)} jobs tables checked, none stuck"
+    return CheckItem("jobs", "No jobs stuck in processing", True, reason)
+
+
+async def _audit_check(ctx: _Context) -> CheckItem:
+    broken = await ctx.deps.store.verify_audit()
+    if broken is None:
+        return CheckItem("audit", "Audit chain intact", True, "every event links to the one before")
+    reason = f"the hash chain breaks at event #{broken}"
+    return CheckItem("audit", "Audit chain intact", False, reason, Status.CRITICAL)
+
+
+def _health_check(statuses: Mapping[str, str]) -> CheckItem:
+    bad = [f"{s} {label}" for s, label in statuses.items() if label != Status.HEALTHY.label]
+    if bad:
+        return CheckItem(
+            "health", "Every service healthy", False, f"{len(bad)} of {len(statuses)} not healthy: {_names(bad)}"
+        )
+    return CheckItem("health", "Every service healthy", True, f"all {len(statuses)} service(s) answered healthy")
+
+
+def _checklist_part(ctx: _Context, items: Sequence[CheckItem], covered: set[str]) -> Part:
+    lines = [_line(f"{OK_MARK if item.ok else CROSS_MARK} *{item.label}* — {bk.escape(item.reason)}") for item in items]
+    before = {k: bool(v) for k, v in ctx.previous.mapping("checklist").items()}
+    crossed = [i.label for i in items if not i.ok and before.get(i.key, True)]
+    ticked = [i.label for i in items if i.ok and before.get(i.key) is False]
+    change = _changes(ctx.previous, [("now crossed", crossed), ("now ticked", ticked)])
+    problems = [
+        Problem(
+            f"check:{i.key}",
+            _line(f"{CROSS_MARK} *{i.label}* — {bk.escape(i.reason)}"),
+            f"{i.label}: {i.reason}",
+            i.severity,
+        )
+        for i in items
+        if not i.ok and i.key not in covered
+    ]
+    done = sum(1 for i in items if i.ok)
+    return Part(f"*Checklist* — {done} of {len(items)} ticked", lines, change, problems=problems)
+
+
+# -- putting it together ---------------------------------------------------------------------------
+
+
+def _problems_part(ctx: _Context, problems: Sequence[Problem]) -> Part:
+    before = ctx.previous.pairs("problems")
+    known = {key for key, _ in before}
+    keys = {p.key for p in problems}
+    change = _changes(
+        ctx.previous,
+        [
+            ("new", [p.text for p in problems if p.key not in known]),
+            ("resolved", [text for key, text in before if key not in keys]),
+        ],
+    )
+    if not problems:
+        text = f"{OK_MARK} *No problems*: every service healthy, backups on time, no failed run, no alert firing."
+        return Part("", [text], change)
+    title = f":rotating_light: *{len(problems)} problem(s), worst first:*"
+    return Part(title, _bounded([p.line for p in problems], limit=25, what="more problems"), change)
+
+
+def _part_blocks(ctx: _Context, part: Part) -> list[Block]:
+    blocks = bk.sections(part.lines, title=part.title or None)
+    if part.note:
+        blocks.append(bk.context(part.note))
+    since = "" if ctx.previous.at is None else f" ({ctx.when(ctx.previous.at)})"
+    blocks.append(bk.context(f"_Since the last digest{since}:_ {bk.escape(part.change)}"))
+    return blocks
+
+
+async def _previous(deps: Deps, kind: str) -> _Previous:
+    found = await deps.store.last_digest(kind)
+    if found is None:
+        return _Previous(None, {})
+    at, snapshot = found
+    return _Previous(at, snapshot if isinstance(snapshot, dict) else {})
+
+
+async def build_digest(deps: Deps, kind: str, *, now: datetime) -> Digest:
+    """Probe, read and compare: the digest of the ``kind`` period ending ``now`` (nothing is saved)."""
+    kind = digest_kind(kind)
+    now = now.astimezone(UTC)
+    inventory = deps.inventory
+    ctx = _Context(deps, kind, now, now - PERIODS[kind], ZoneInfo(inventory.timezone), await _previous(deps, kind))
+    try:
+        # One task group: should a section fail unexpectedly, the others (probes too) are cancelled.
+        async with asyncio.TaskGroup() as group:
+            probing = group.create_task(
+                check_health(
+                    targets_for(inventory, "all"), deps.probe_for, deadline=inventory.health.deadline,
+                    redactor=deps.redactor, observe=deps.observe_probe,
+                )
+            )  # fmt: skip
+            backups = group.create_task(_backups_part(ctx))
+            runs = group.create_task(_runs_part(ctx))
+            alerts = group.create_task(_alerts_part(ctx))
+            jobs = group.create_task(_jobs_check(ctx))
+            audit = group.create_task(_audit_check(ctx))
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    health_part, statuses = _health_part(ctx, probing.result())
+    backups_part, overdue, backups_check = backups.result()
+    runs_part, runs_snapshot, approvals_check = runs.result()
+    alerts_part, firing = alerts.result()
+    checks = [_health_check(statuses)]
+    checks += [c for c in (backups_check, jobs.result(), approvals_check, audit.result()) if c is not None]
+    covered = {"health", "backups"} if deps.backups is not None else {"health"}
+    checklist_part = _checklist_part(ctx, checks, covered)
+    found = [
+        *health_part.problems,
+        *backups_part.problems,
+        *runs_part.problems,
+        *alerts_part.problems,
+        *checklist_part.problems,
+    ]
+    problems = sorted(found, key=lambda p: -p.severity)  # stable: within a severity, in section order
+    problems_part = _problems_part(ctx, problems)
+    status = max((p.severity for p in problems), default=Status.HEALTHY)
+
+    title = f"{kind.capitalize()} digest · {now.astimezone(ctx.zone):%Y-%m-%d}"
+    period = f"{ctx.full(ctx.start)} → {ctx.full(now)}"
+    last = "first digest of this kind" if ctx.previous.at is None else f"last posted {ctx.when(ctx.previous.at)}"
+    head = [
+        bk.header(title),
+        bk.context(f"Period: {period} ({inventory.timezone}) · {len(statuses)} service(s) probed · {last}"),
+    ]
+    top = _part_blocks(ctx, problems_part)
+    blocks = [*head, *top]
+    for part in (health_part, backups_part, runs_part, alerts_part, checklist_part):
+        blocks += [bk.divider(), *_part_blocks(ctx, part)]
+    summary = [*head, *top]
+    said = _names([p.text for p in problems], limit=10, sep="; ")
+    text = f"{title}: " + (f"{len(problems)} problem(s) — {said}" if problems else "no problems")
+    snapshot: dict[str, Any] = {
+        "version": SNAPSHOT_VERSION,
+        "kind": kind,
+        "period_start": ctx.start.isoformat(),
+        "health": statuses,
+        "backups_overdue": overdue,
+        **runs_snapshot,
+        "alerts_firing": firing,
+        "checklist": {c.key: c.ok for c in checks},
+        "problems": [[p.key, p.text] for p in problems],  # a list: the order survives the JSON
+    }
+    return Digest(kind, now, ctx.start, bk.clip(text, bk.MAX_FALLBACK_TEXT), blocks, summary, snapshot,
+                  tuple(problems), status)  # fmt: skip
+
+
+def digest_reply(digest: Digest, *, post: bool, by: str | None = None) -> Reply:
+    """The digest as a reply: to the channel when posted, else to the caller alone."""
+    if post:
+        footer = f"Posted by <@{by}>" if by else "Posted on schedule"
+    else:
+        footer = f"Preview: only you see this · `/ops digest {digest.kind} --post` posts it to the channel"
+    blocks = [*digest.blocks, bk.context(footer)]
+    return Reply(digest.text, blocks, summary=digest.summary, ephemeral=not post, status=digest.status)
+
+
+class DigestArgs(CommandArgs):
+    positional = ("kind",)
+    kind: str = Field("daily", max_length=32)
+    post: bool = False
+
+
+@subcommand(
+    "digest",
+    help="The daily, weekly or monthly digest now: problems first, then health, backups, runs, alerts, checklist",
+    usage="[daily|weekly|monthly] [--post]",
+    risk=Risk.OPERATE,
+    args=DigestArgs,
+)
+async def digest(ctx: OpsContext, args: DigestArgs) -> Reply:
+    kind = digest_kind(args.kind)
+    building = asyncio.create_task(build_digest(ctx.deps, kind, now=current_time()))
+    try:
+        done, _ = await asyncio.wait({building}, timeout=PROGRESS_AFTER)
+        if not done:
+            await ctx.tell(f":hourglass_flowing_sand: Putting the {kind} digest together (probing every service)…")
+        found = await building
+    finally:
+        if not building.done():
+            building.cancel()
+    if args.post:
+        # Saved only when posted: a preview must not change what the next posted digest compares with.
+        await ctx.deps.store.save_digest(kind, at=found.at, snapshot=found.snapshot)
+    return digest_reply(found, post=args.post, by=ctx.user_id)
