@@ -153,3 +153,13 @@ class Reply:
     outcome: str = "ok"
     approval_id: str | None = None
     detail: str = ""  # for the audit log, when the outcome needs explaining (which backups failed)
+    files: list[Upload] = field(default_factory=list)  # uploaded in the thread of a public reply
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file a reply carries (the weekly digest's chart)."""
+
+    filename: str
+    title: str
+    content: bytes

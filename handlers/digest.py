@@ -19,7 +19,7 @@ from pydantic import Field
 
 from handlers import blocks as bk
 from handlers.backup import ago, size
-from handlers.context import Block, Deps, OpsContext, Reply
+from handlers.context import Block, Deps, OpsContext, Reply, Upload
 from handlers.health import targets_for
 from handlers.jobs import JobsTarget
 from handlers.registry import CommandArgs, clip_token, subcommand
@@ -27,6 +27,7 @@ from services.access import Risk
 from services.alerts.rules import AlertState, Phase
 from services.alerts.watch import state_from_json, watched
 from services.backup.runner import BackupRunner
+from services.charts import weekly_chart
 from services.errors import CommandError
 from services.health import HealthReport, Status, check_health
 from services.inventory import CloudSqlComponent, PostgresComponent
@@ -753,7 +754,13 @@ async def digest(ctx: OpsContext, args: DigestArgs) -> Reply:
     finally:
         if not building.done():
             building.cancel()
+    reply = digest_reply(found, post=args.post, by=ctx.user_id)
     if args.post:
         # Saved only when posted: a preview must not change what the next posted digest compares with.
         await ctx.deps.store.save_digest(kind, at=found.at, snapshot=found.snapshot)
-    return digest_reply(found, post=args.post, by=ctx.user_id)
+        if kind == "weekly":
+            chart = await weekly_chart(await ctx.deps.store.probe_history(since=found.start), found.start, found.at)
+            if chart is not None:
+                title = f"Availability and p95 latency, {found.start:%Y-%m-%d} to {found.at:%Y-%m-%d}"
+                reply.files.append(Upload(f"opsbot-weekly-{found.at:%Y%m%d}.png", title, chart))
+    return reply

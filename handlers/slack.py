@@ -82,9 +82,12 @@ async def deliver(
             await client.chat_postMessage(
                 channel=channel_id, text=message.text, blocks=message.blocks, thread_ts=live.ts, unfurl_links=False
             )
+        await _upload(client, channel_id, live.ts, reply)
         return live.ts
     try:
-        return await _post_threaded(client, channel_id, messages)
+        ts = await _post_threaded(client, channel_id, messages)
+        await _upload(client, channel_id, ts, reply)
+        return ts
     except SlackApiError as exc:
         error = str(exc.response.get("error", ""))
         if error not in _FALLBACK_ERRORS:
@@ -97,7 +100,21 @@ async def deliver(
 
 async def post_reply(client: AsyncWebClient, channel_id: str, reply: Reply) -> str | None:
     """Post a reply in a channel nobody typed in (a schedule's, an alert's); the ts of its message."""
-    return await _post_threaded(client, channel_id, messages_for(reply))
+    ts = await _post_threaded(client, channel_id, messages_for(reply))
+    await _upload(client, channel_id, ts, reply)
+    return ts
+
+
+async def _upload(client: AsyncWebClient, channel_id: str, thread_ts: str | None, reply: Reply) -> None:
+    """A reply's files, in its thread (files.uploadV2); a failed upload never loses the message."""
+    for upload in reply.files:
+        try:
+            await client.files_upload_v2(
+                channel=channel_id, thread_ts=thread_ts, filename=upload.filename, title=upload.title,
+                content=upload.content,
+            )  # fmt: skip
+        except Exception:
+            log.warning("file_upload_failed", filename=upload.filename, exc_info=True)
 
 
 async def _post_threaded(client: AsyncWebClient, channel_id: str, messages: list[OutMessage]) -> str | None:

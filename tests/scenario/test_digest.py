@@ -15,7 +15,8 @@ import asyncpg
 import pytest
 
 from bot.sample_app import SampleAppState, start_sample_app
-from services.state import Approval, ApprovalState, BackupRecord, BackupState, StateStore, StoredAlert
+from services.charts import daily_series
+from services.state import Approval, ApprovalState, BackupRecord, BackupState, ProbeSample, StateStore, StoredAlert
 from tests.fixtures.servers import PostgresServer, free_port
 from tests.fixtures.slack import Call, FakeSlack
 from tests.scenario.harness import Bot, inventory, running_bot
@@ -318,3 +319,31 @@ async def test_bad_arguments_get_one_sentence_and_nothing_is_saved(world: World,
     answer = await world.answer(text)
     assert expected in answer.params["text"] and "Traceback" not in answer.params["text"]
     assert await world.store.last_digest("daily") is None and world.slack.calls_to("chat.postMessage") == []
+
+
+async def test_the_posted_weekly_digest_carries_a_chart_of_the_weeks_probes(world: World) -> None:
+    now = datetime.now(UTC)
+    samples = [
+        ProbeSample(service, "api", now - timedelta(days=day, minutes=minute), status, latency)
+        for day in range(7)
+        for minute in range(0, 60, 10)
+        for service, status, latency in (("shop", 2 if day == 3 else 0, 120.0 + day), ("blog", 0, 40.0))
+    ]
+    await world.store.record_probes(samples, keep_after=now - timedelta(days=35))
+    post = await world.posted("digest weekly --post")
+    [complete] = await world.slack.wait_for("files.completeUploadExternal", timeout=20)
+    assert complete.params.get("channel_id") == post.params["channel"]
+    [upload] = [c for c in world.slack.calls if c.method.startswith("upload/")]
+    assert b"\x89PNG\r\n\x1a\n" in upload.raw  # a PNG went up
+    # A preview or a daily digest uploads nothing.
+    await world.answer("digest weekly")
+    await world.posted("digest daily --post")
+    assert len([c for c in world.slack.calls if c.method.startswith("upload/")]) == 1
+
+
+def test_daily_series_counts_critical_rounds_as_down() -> None:
+    start = datetime(2026, 11, 16, tzinfo=UTC)
+    samples = [ProbeSample("shop", "api", start + timedelta(hours=h), 2 if h < 6 else 0, float(h)) for h in range(24)]
+    days, availability, p95 = daily_series(samples, start, start + timedelta(days=1))
+    assert days[0] == start.date() and availability["shop"][0] == 75.0 and availability["shop"][1] is None
+    assert p95["shop"][0] == 22.0
