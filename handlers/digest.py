@@ -509,7 +509,7 @@ async def _alerts_part(ctx: _Context) -> tuple[Part, list[str]]:
     fired_now = [s for s in firing if ctx.in_period(s.fired_at)]
     before = ctx.previous.names("alerts_firing")
     # An alert's state starts over when it resolves, so what resolved is what was firing at the last
-    # digest and is not now (and, should the watcher keep it, a ``resolved_at`` in the period).
+    # digest and is not now, or whose ``resolved_at`` (kept by the watcher) falls in the period.
     resolved = before - set(firing_keys)
     resolved |= {
         key

@@ -39,6 +39,7 @@ from services.state import ProbeSample, StateStore, StoredAlert
 log = structlog.get_logger(__name__)
 
 METRICS_LIMIT = 5 * 1024 * 1024  # bytes of a /metrics answer read at most
+_HISTORY_KEYS = ("resolved_at", "last_fired_at", "last_resolved_at")
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,13 @@ class Watcher:
                 before = stored.get(key)
                 state = state_from_json(before.state, key) if before else AlertState(key=key)
                 state, transition = evaluate(state, rule.check(observation), now, rule=rule, silences=silences)
-                record = StoredAlert(key, w.target.service, state_to_json(state), now)
+                # The state machine starts over on resolve; the digest still wants to know it happened.
+                kept = {k: v for k, v in (before.state if before else {}).items() if k in _HISTORY_KEYS}
+                if transition is not None:
+                    kept[f"last_{transition.kind.value}_at"] = now.isoformat()
+                    if transition.kind is TransitionKind.RESOLVED:
+                        kept["resolved_at"] = now.isoformat()
+                record = StoredAlert(key, w.target.service, {**state_to_json(state), **kept}, now)
                 if transition is not None:
                     fired = Fired(key, w.target.service, w.target.component, rule, transition, before)
                     record = await self._tell(fired, record)

@@ -125,6 +125,9 @@ async def test_a_flapping_target_fires_once_and_the_resolve_edits_that_message(w
         await world.at(second)
         second += 20
     [resolved] = down_alerts(world.seen.resolved)
+    kept = (await world.store.load_alerts())["shop/api/ServiceDown"].state
+    assert kept["phase"] == "ok" and kept["resolved_at"] == resolved.transition.at.isoformat()
+    assert kept["last_fired_at"] == fired.transition.at.isoformat()  # the digest can still tell it happened
     assert (
         resolved.stored is not None and resolved.stored.message_ts == "ts-shop/api/ServiceDown"
     )  # the fired message is edited
