@@ -23,6 +23,7 @@ from services.alerts.metrics import (
     seconds_between,
     window_scrapes,
 )
+from services.text import human_bytes
 
 __all__ = [
     "AlertRule",
@@ -234,7 +235,7 @@ class RedisMemoryRule(_Rule):
         if not observation.reachable or used is None or limit is None:
             return _unseen(observation, "Redis memory")
         if limit == 0:
-            return Condition(Verdict.OK, f"memory {_bytes(used)}, no maxmemory set")
+            return Condition(Verdict.OK, f"memory {human_bytes(used)}, no maxmemory set")
         return _share(self.comparison, self.threshold_pct, used, limit, "memory")
 
 
@@ -258,7 +259,7 @@ class SizeLimitRule(_Rule):
         if not observation.reachable or used is None:
             return _unseen(observation, f"the {self.subject} size")
         if not limit:
-            return Condition(Verdict.UNKNOWN, f"no limit known for the {self.subject} ({_bytes(used)} used)")
+            return Condition(Verdict.UNKNOWN, f"no limit known for the {self.subject} ({human_bytes(used)} used)")
         return _share(self.comparison, self.threshold_pct, used, int(limit), self.subject)
 
 
@@ -293,20 +294,9 @@ def _unseen(observation: Observation, what: str) -> Condition:
 def _share(comparison: Comparison, threshold_pct: float, used: int, limit: int, subject: str) -> Condition:
     pct = used * 100 / limit
     breached = comparison.breached(used * 100, threshold_pct * limit)
-    evidence = (
-        f"{subject} {_bytes(used)} of {_bytes(limit)} ({pct:.1f} %); alerts {comparison.words} {threshold_pct:g} %"
-    )
+    share = f"{human_bytes(used)} of {human_bytes(limit)} ({pct:.1f} %)"
+    evidence = f"{subject} {share}; alerts {comparison.words} {threshold_pct:g} %"
     return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, pct)
-
-
-def _bytes(size: float) -> str:
-    if size < 1024:
-        return f"{int(size)} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        size /= 1024
-        if size < 1024 or unit == "TB":
-            return f"{size:.1f} {unit}"
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _seconds(value: float) -> str:

@@ -9,6 +9,7 @@ from services.failures import network_problem, short_error
 from services.health import Status
 from services.inventory import secrets_in
 from services.redaction import Redactor
+from services.text import human_bytes, human_duration
 
 
 def worst(statuses: Iterable[Status]) -> Status:
@@ -25,22 +26,6 @@ def connect_budget(timeout: float) -> float:
     """Seconds to give a connection attempt: a little less than the probe's whole timeout, so
     a failure is reported with its own reason rather than cut off as a bare timeout."""
     return max(timeout * 0.8, timeout - 1.0)
-
-
-def human_bytes(size: float) -> str:
-    """``7864320`` → ``"7.5 MB"`` (binary multiples, short names)."""
-    if size < 1024:
-        return f"{int(size)} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        size /= 1024
-        if size < 1024 or unit == "TB":
-            return f"{size:.1f} {unit}"
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def human_duration(ms: float) -> str:
-    """``2300`` → ``"2.3 s"``, ``45.2`` → ``"45 ms"``."""
-    return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms"
 
 
 def plural(count: int, noun: str) -> str:
