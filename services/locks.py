@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -62,6 +63,11 @@ class ServiceLocks(Protocol):
         """Who holds ``key`` now, or None."""
         ...
 
+    async def lease(self, key: str, holder: str, ttl: float) -> bool:
+        """Take ``key`` for ``ttl`` seconds, never renewed nor released (one round of a periodic job
+        that one replica should do): True if this caller got it."""
+        ...
+
     async def close(self) -> None:
         """Release what this instance still holds and free its resources."""
         ...
@@ -74,6 +80,7 @@ class LocalLocks:
 
     def __init__(self) -> None:
         self._holders: dict[str, str] = {}
+        self._leases: dict[str, float] = {}
 
     async def acquire(self, key: str, holder: str) -> str | None:
         """Take the lock for ``key`` as ``holder``: None on success, else the current holder (not re-entrant)."""
@@ -93,6 +100,15 @@ class LocalLocks:
     async def holder(self, key: str) -> str | None:
         """Who holds ``key`` now, or None."""
         return self._holders.get(key)
+
+    async def lease(self, key: str, holder: str, ttl: float) -> bool:
+        """Take ``key`` for ``ttl`` seconds; True if nobody holds it."""
+        now = time.monotonic()
+        self._leases = {k: until for k, until in self._leases.items() if until > now}
+        if key in self._leases:
+            return False
+        self._leases[key] = now + ttl
+        return True
 
     async def close(self) -> None:
         """Drop every lock: the process is going away with them."""
@@ -220,6 +236,14 @@ class RedisLocks:
             log.warning("lock_service_unavailable", action="holder", key=key, reason=self._reason(exc))
             raise CommandError("The lock service (Redis) is not answering.") from exc
         return None if value is None else _text(value)
+
+    async def lease(self, key: str, holder: str, ttl: float) -> bool:
+        """``SET NX PX`` without renewal: True for the one replica that took ``key``."""
+        try:
+            taken = await self._client.set(self._prefix + "lease:" + key, holder, nx=True, px=max(1, round(ttl * 1000)))
+        except (RedisError, OSError) as exc:
+            raise CommandError(NOT_ANSWERING) from exc
+        return bool(taken)
 
     async def close(self) -> None:
         """Stop renewing, release every lock still held, and close the client if ``open_locks`` made it.

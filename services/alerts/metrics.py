@@ -337,7 +337,7 @@ def _show(labels: Labels) -> str:
 
 
 def _count(value: float) -> str:
-    return f"{int(value):,}" if value.is_integer() else f"{value:,.4g}"
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.4g}"
 
 
 def _span(seconds: float) -> str:

@@ -153,6 +153,7 @@ class Watcher:
         probed_types: frozenset[str],
         notifier: AlertNotifier | None = None,
         clock: Clock = utcnow,
+        claim: Callable[[str, float], Awaitable[bool]] | None = None,
     ) -> None:
         self.store = store
         self.inventory = inventory
@@ -162,6 +163,7 @@ class Watcher:
         self.notifier: AlertNotifier = notifier or NoNotifier()
         self.clock = clock
         self.components = watched(inventory, probed_types)
+        self.claim = claim  # (key, ttl) -> True for the one replica that does a round
         self._scrapes: dict[tuple[str, str], deque[Scrape]] = {}
 
     async def round(self) -> list[Fired]:
@@ -263,13 +265,21 @@ class Watcher:
             kept.popleft()
         return tuple(kept)
 
+    async def tick(self) -> list[Fired] | None:
+        """One round, if this replica takes the round's lease (None when another replica does it)."""
+        every = self.inventory.alerts.interval_seconds
+        key = f"alerts-round:{int(self.clock().timestamp() // every)}"
+        if self.claim is not None and not await self.claim(key, every):
+            return None
+        return await self.round()
+
     async def loop(self, stop: asyncio.Event, on_round: Callable[[list[Fired]], Awaitable[None]] | None = None) -> None:
         """A round now, then every ``interval_seconds`` until ``stop``; a failed round is logged and retried."""
         every = self.inventory.alerts.interval_seconds
         while not stop.is_set():
             try:
-                fired = await self.round()
-                if on_round is not None:
+                fired = await self.tick()
+                if fired is not None and on_round is not None:
                     await on_round(fired)
             except Exception:
                 log.exception("watch_round_failed")

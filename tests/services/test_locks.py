@@ -241,3 +241,11 @@ async def test_nonsense_timings_are_refused(redis_url: str, ttl: float, renew_ev
             RedisLocks(client, ttl=ttl, renew_every=renew_every)
     finally:
         await client.aclose()
+
+
+async def test_a_lease_goes_to_one_caller_and_lapses_after_its_ttl(locks: ServiceLocks) -> None:
+    taken = await asyncio.gather(*(locks.lease("alerts-round:1", f"r{i}", 0.3) for i in range(20)))
+    assert taken.count(True) == 1
+    assert await locks.lease("alerts-round:2", "r1", 0.3)  # another round
+    await asyncio.sleep(0.4)
+    assert await locks.lease("alerts-round:1", "r2", 0.3)  # lapsed: free again

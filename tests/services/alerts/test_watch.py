@@ -15,6 +15,7 @@ from services.alerts.rules import TransitionKind
 from services.alerts.watch import Fired, Watcher, state_from_json
 from services.health import Target
 from services.inventory import parse_inventory
+from services.locks import LocalLocks
 from services.probes import PROBED_TYPES, build_health_probes
 from services.redaction import Redactor
 from services.state import StateStore, open_state_store
@@ -177,3 +178,28 @@ def test_targets_are_what_the_inventory_says() -> None:
     found = watched(loaded.inventory, PROBED_TYPES)
     assert [(w.target.component, [r.alert_name for r in w.rules]) for w in found] == [("db", ["ServiceDown"])]
     assert isinstance(found[0].target, Target)
+
+
+async def test_two_replicas_sharing_locks_do_each_round_once(world: World) -> None:
+    locks = LocalLocks()
+    replicas = [
+        Watcher(
+            world.store,
+            world.watcher.inventory,
+            world.watcher.probe_for,
+            world.http,
+            Redactor(),
+            probed_types=PROBED_TYPES,
+            clock=lambda: world.now[0],
+            claim=lambda key, ttl, name=name: locks.lease(key, name, ttl),
+        )  # fmt: skip
+        for name in ("a", "b")
+    ]
+    world.now[0] = T0 + timedelta(seconds=5)
+    first = [await w.tick() for w in replicas]
+    assert [r is None for r in first] == [False, True]
+    world.now[0] = T0 + timedelta(seconds=25)  # the next 20 s round
+    second = [await w.tick() for w in replicas]
+    assert sum(r is not None for r in second) == 1
+    history = await world.store.probe_history(since=T0)
+    assert len(history) == 2  # one probe result per round, not one per replica
