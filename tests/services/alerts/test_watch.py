@@ -192,7 +192,7 @@ async def test_two_replicas_sharing_locks_do_each_round_once(world: World) -> No
             probed_types=PROBED_TYPES,
             clock=lambda: world.now[0],
             claim=lambda key, ttl, name=name: locks.lease(key, name, ttl),
-        )  # fmt: skip
+        )
         for name in ("a", "b")
     ]
     world.now[0] = T0 + timedelta(seconds=5)
