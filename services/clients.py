@@ -2,14 +2,58 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 
 BODY_LIMIT = 4 * 1024 * 1024  # bytes of an API answer read at most; a bigger one is refused
+_T = TypeVar("_T")
+
+
+class ThreadedClient:
+    """A blocking SDK client (boto3's) made on first use and called on a thread pool of its own, so
+    its calls never queue behind the event loop's default executor. A client given from outside
+    (tests) is used as is and not closed."""
+
+    def __init__(self, make: Callable[[], Any], *, threads: int, name: str, client: Any = None) -> None:
+        self._make = make
+        self._client = client
+        self._owns_client = client is None
+        self._lock = asyncio.Lock()
+        self.name = name
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self.closed = False
+
+    async def get(self) -> Any:
+        """The client, made (in the pool: boto3 reads files) the first time; RuntimeError once closed."""
+        if self.closed:
+            raise RuntimeError(f"{self.name} is closed")
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    self._client = await asyncio.get_running_loop().run_in_executor(self.executor, self._make)
+        return self._client
+
+    async def call(self, func: Callable[[], _T]) -> _T:
+        """Run one blocking call in the pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, func)
+
+    async def close(self) -> None:
+        """Close the client we made (its connection pool) and stop the threads; only once."""
+        if self.closed:
+            return
+        self.closed = True
+        client, self._client = self._client, None
+        if client is not None and self._owns_client:
+            with contextlib.suppress(Exception):
+                await self.call(client.close)
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def aws_error_code(exc: Any) -> str:

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import boto3  # type: ignore[import-untyped]  # boto3 and botocore ship no type information
@@ -34,7 +33,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 from services.backup.base import CHUNK, BackupError, Stored, manifest_key
 from services.backup.codec import close_stream
 from services.backup.directory import check_key
-from services.clients import aws_error_code, public_endpoint
+from services.clients import ThreadedClient, aws_error_code, public_endpoint
 from services.failures import network_problem
 
 log = logging.getLogger(__name__)
@@ -80,12 +79,8 @@ class S3Destination:
         self._endpoint_url = endpoint_url
         self._endpoint = public_endpoint(endpoint_url)
         self._timeout = timeout
-        self._client = client
-        self._owns_client = client is None
-        self._client_lock = asyncio.Lock()
         # One part uploading, a listing or a read, and an abort must never wait behind each other.
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"s3-{name}")
-        self._closed = False
+        self._boto = ThreadedClient(self._make_client, threads=4, name=f"s3-{name}", client=client)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -114,25 +109,17 @@ class S3Destination:
         return session.client("s3", region_name=self._region, endpoint_url=self._endpoint_url, config=Config(**options))
 
     async def _get_client(self) -> Any:
-        if self._closed:
-            raise RuntimeError(f"S3 destination {self.name} is closed")
-        if self._client is None:
-            async with self._client_lock:
-                if self._client is None:
-                    loop = asyncio.get_running_loop()
-                    try:
-                        self._client = await loop.run_in_executor(self._executor, self._make_client)
-                    except ValueError:
-                        raise BackupError(f"The S3 endpoint of destination {self.name} is not a valid URL.") from None
-                    except BotoCoreError as exc:
-                        raise self._failure(exc, f"Connecting to destination {self.name}") from exc
-        return self._client
+        try:
+            return await self._boto.get()
+        except ValueError:
+            raise BackupError(f"The S3 endpoint of destination {self.name} is not a valid URL.") from None
+        except BotoCoreError as exc:
+            raise self._failure(exc, f"Connecting to destination {self.name}") from exc
 
     async def _run(self, action: str, func: Callable[[], _T]) -> _T:
         """Run one blocking boto3 call in the executor; botocore errors become a BackupError."""
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, func)
+            return await self._boto.call(func)
         except (ClientError, BotoCoreError) as exc:
             raise self._failure(exc, action) from exc
 
@@ -236,7 +223,7 @@ class S3Destination:
         pending: concurrent.futures.Future[bytes] | None = None
         try:
             while True:
-                pending = self._executor.submit(body.read, CHUNK)
+                pending = self._boto.executor.submit(body.read, CHUNK)
                 try:
                     chunk = await asyncio.wrap_future(pending, loop=loop)
                 except (ClientError, BotoCoreError) as exc:
@@ -304,15 +291,7 @@ class S3Destination:
 
     async def close(self) -> None:
         """Close the client we made (its connection pool) and stop the executor."""
-        if self._closed:
-            return
-        self._closed = True
-        client, self._client = self._client, None
-        if client is not None and self._owns_client:
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._executor, client.close)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._boto.close()
 
 
 class _MultipartUpload:
@@ -347,7 +326,7 @@ class _MultipartUpload:
         def create() -> str:
             return str(client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"])
 
-        self._created = self._dest._executor.submit(create)
+        self._created = self._dest._boto.executor.submit(create)
         self._id = await self._wait(self._created)
 
     async def send(self, data: bytes) -> None:
@@ -362,7 +341,7 @@ class _MultipartUpload:
             response = client.upload_part(Bucket=bucket, Key=key, PartNumber=number, UploadId=upload_id, Body=data)
             return {"PartNumber": number, "ETag": response["ETag"]}
 
-        self._in_flight = self._dest._executor.submit(upload_part)
+        self._in_flight = self._dest._boto.executor.submit(upload_part)
 
     async def _settle(self) -> None:
         if self._in_flight is not None:
@@ -386,7 +365,7 @@ class _MultipartUpload:
             except (ClientError, BotoCoreError) as exc:
                 log.warning("could not tag s3://%s/%s with its sha256: %s", bucket, key, self._dest._reason(exc))
 
-        self._completion = self._dest._executor.submit(finish)
+        self._completion = self._dest._boto.executor.submit(finish)
         await self._wait(self._completion)
 
     async def abort(self) -> None:
@@ -422,6 +401,6 @@ class _MultipartUpload:
 
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.shield(loop.run_in_executor(self._dest._executor, clean_up))
+            await asyncio.shield(loop.run_in_executor(self._dest._boto.executor, clean_up))
         except (ClientError, BotoCoreError) as exc:
             log.warning("could not abort the upload of s3://%s/%s: %s", bucket, key, self._dest._reason(exc))

@@ -9,11 +9,9 @@ of this provider's own.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -31,7 +29,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
     ReadTimeoutError,
 )
 
-from services.clients import aws_error_code, public_endpoint
+from services.clients import ThreadedClient, aws_error_code, public_endpoint
 from services.deploy.base import DeployError, Progress, Release
 from services.failures import network_problem
 
@@ -130,12 +128,8 @@ class LambdaProvider:
         self._endpoint_url = endpoint_url
         self._endpoint = public_endpoint(endpoint_url)
         self._timeout = timeout
-        self._client = client
-        self._owns_client = client is None
-        self._client_lock = asyncio.Lock()
         # Two threads: a listing must not wait behind a slow get_alias, and nothing here needs more.
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"lambda-{self._name[:20]}")
-        self._closed = False
+        self._boto = ThreadedClient(self._make_client, threads=2, name=f"lambda-{self._name[:20]}", client=client)
 
     def describe(self) -> str:
         return f"Lambda function {self._name} (alias {self.alias}) in {self.region}"
@@ -156,26 +150,20 @@ class LambdaProvider:
         return session.client("lambda", region_name=self.region, endpoint_url=self._endpoint_url, config=config)
 
     async def _get_client(self) -> Any:
-        if self._closed:
+        if self._boto.closed:
             raise RuntimeError(f"the provider for {self.describe()} is closed")
-        if self._client is None:
-            async with self._client_lock:
-                if self._client is None:
-                    loop = asyncio.get_running_loop()
-                    try:
-                        self._client = await loop.run_in_executor(self._executor, self._make_client)
-                    except ValueError:
-                        raise DeployError(f"The Lambda endpoint of {self._name} is not a valid URL.") from None
-                    except BotoCoreError as exc:
-                        raise self._failure(exc, "connect to AWS Lambda") from None
-        return self._client
+        try:
+            return await self._boto.get()
+        except ValueError:
+            raise DeployError(f"The Lambda endpoint of {self._name} is not a valid URL.") from None
+        except BotoCoreError as exc:
+            raise self._failure(exc, "connect to AWS Lambda") from None
 
     async def _run(self, action: str, func: Callable[[Any], _T]) -> _T:
         """Run one blocking boto3 call in the executor; botocore errors become one DeployError."""
         client = await self._get_client()
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, func, client)
+            return await self._boto.call(lambda: func(client))
         except (ClientError, BotoCoreError) as exc:
             # ``from None``: botocore's text may carry endpoint URLs or request ids, never shown.
             raise self._failure(exc, action) from None
@@ -350,15 +338,7 @@ class LambdaProvider:
 
     async def close(self) -> None:
         """Close the client we made (its connection pool) and stop the executor."""
-        if self._closed:
-            return
-        self._closed = True
-        client, self._client = self._client, None
-        if client is not None and self._owns_client:
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._executor, client.close)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._boto.close()
 
 
 class _Drifted(Exception):
