@@ -67,13 +67,7 @@ services:
 
 async def create_jobs_db(server: PostgresServer, sql: str = JOBS_SQL) -> str:
     """A fresh database holding the jobs table; its DSN."""
-    dsn = server.dsn(await server.create_database())
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-    return dsn
+    return await server.database_with(sql)
 
 
 @pytest.fixture

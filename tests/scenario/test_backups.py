@@ -54,13 +54,7 @@ services:
 
 async def make_db(server: PostgresServer, sql: str, password: str = PASSWORD) -> str:
     """A fresh database holding ``sql``; its DSN carries ``password`` (the test cluster trusts all)."""
-    dsn = server.dsn(await server.create_database(), password=password)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-    return dsn
+    return await server.database_with(sql, password=password)
 
 
 async def query(dsn: str, sql: str) -> object:

@@ -20,6 +20,7 @@ from services.inventory import JobsTable
 from services.jobs import Job, JobsClient, job_facts
 from services.redaction import Redactor
 from tests.fixtures.servers import PostgresServer, free_port
+from tests.fixtures.servers import run_sql as run
 
 PASSWORD = "Sw0rdfish-jobs-42"
 MESSAGE = "Reset by opsbot: stuck in processing"
@@ -32,15 +33,6 @@ create table jobs (
     error_message text
 )
 """
-
-
-async def run(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def rows(dsn: str, query: str) -> list[dict[str, Any]]:

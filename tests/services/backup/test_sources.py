@@ -35,6 +35,7 @@ from services.backup.postgres import PostgresSource
 from services.backup.sqlite import SqliteSource
 from services.redaction import Redactor
 from tests.fixtures.servers import PG_BIN, PostgresServer, free_port
+from tests.fixtures.servers import run_sql as execute
 
 PASSWORD = "Kn0ck-kn0ck-wh0s-there"
 ROLE = "opsbot_backup_tester"
@@ -212,15 +213,6 @@ async def test_event_loop_keeps_ticking_while_a_big_tree_is_archived(tmp_path: P
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------
-
-
-async def execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def fetch(dsn: str, query: str) -> list[tuple[Any, ...]]:

@@ -20,6 +20,7 @@ from services.inventory import ComposeComponent, JobsTable
 from services.jobs import JobsClient
 from tests.fixtures.fake_docker import FakeDocker, fake_docker_fixture, process_gone  # noqa: F401
 from tests.fixtures.servers import free_port
+from tests.fixtures.servers import run_sql as run
 
 JOBS_DDL = """
 create table jobs (
@@ -369,15 +370,6 @@ async def test_a_huge_ps_output_is_refused(fake_docker: FakeDocker, project_dir:
 
 
 # -- the jobs table: new JobsClient methods ----------------------------------------------------------------
-
-
-async def run(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def jobs_state(dsn: str) -> dict[int, tuple[str, bool, str | None]]:
