@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
@@ -19,6 +19,7 @@ from handlers.registry import CLICK_COMMANDS, CommandArgs, clip_token, subcomman
 from services.access import Risk
 from services.approvals import Outcome, Plan, Progress
 from services.deploy.base import DeployError, Release, ReleaseProvider
+from services.deploy.compose import ServiceState
 from services.deploy.providers import RELEASE_TYPES, DeployProviders
 from services.errors import CommandError
 from services.health import Status
@@ -76,6 +77,11 @@ def typed(inventory: Inventory, service: str, component: str, kind: type[C]) -> 
 
 def _when(moment: datetime | None) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if moment else "?"
+
+
+def containers_fact(component: str, states: Sequence[ServiceState]) -> dict[str, str]:
+    """A compose stack's containers and their states: what a plan saw and a run checks again."""
+    return {f"containers {component}": ", ".join(sorted(f"{s.service}={s.state}" for s in states))}
 
 
 def release_line(release: Release) -> str:
@@ -362,7 +368,7 @@ async def restart(ctx: OpsContext, args: RestartArgs) -> Plan:
             summary=f"Restart {which} of {service}/{component} (docker compose in {spec.project_dir})",
             details=tuple(f"{s.service}: {s.state} ({s.status})" for s in states),
             params={"component": component, "compose_service": args.compose_service},
-            facts={f"containers {component}": ", ".join(sorted(f"{s.service}={s.state}" for s in states))},
+            facts=containers_fact(component, states),
         )
     if args.compose_service is not None:
         raise CommandError(f"`{component}` is not a compose project: it has no services to name.")
@@ -386,7 +392,7 @@ class RestartAction(DeployAction):
         spec = self.inventory.services[plan.service].components[component]
         if isinstance(spec, ComposeComponent):
             states = await self.providers.compose(spec).ps()
-            return {f"containers {component}": ", ".join(sorted(f"{s.service}={s.state}" for s in states))}
+            return containers_fact(component, states)
         releases = await self.providers.releases(plan.service, component, spec).releases(LISTED)
         return {f"live {component}": ", ".join(r.id for r in releases if r.live) or "none"}
 
@@ -534,7 +540,7 @@ async def lifecycle(ctx: OpsContext, args: LifecycleArgs) -> Plan:
         summary=f"{args.step} {service}/{component}: {says}{jobs}",
         details=tuple(f"{s.service}: {s.state} ({s.status})" for s in states),
         params={"component": component, "step": args.step},
-        facts={f"containers {component}": ", ".join(sorted(f"{s.service}={s.state}" for s in states))},
+        facts=containers_fact(component, states),
     )
 
 
@@ -550,7 +556,7 @@ class LifecycleAction(DeployAction):
 
     async def observe(self, plan: Plan) -> Mapping[str, str]:
         states = await self.providers.compose(self._spec(plan)).ps()
-        return {f"containers {plan.params['component']}": ", ".join(sorted(f"{s.service}={s.state}" for s in states))}
+        return containers_fact(str(plan.params["component"]), states)
 
     async def execute(self, plan: Plan, progress: Progress) -> Outcome:
         spec = self._spec(plan)
