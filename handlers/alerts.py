@@ -55,15 +55,14 @@ def fired_blocks(alert: Fired) -> list[Block]:
         bk.context(f"Since {_when(t.since)} · alert `{alert.key}` · `/ops silence {alert.key} 1h`"),
         {
             "type": "actions",
-            "block_id": f"alert:{alert.key}"[:255],
+            "block_id": f"alert:{alert.key}",  # at most 204 characters (KEY); Slack allows 255
             "elements": [
                 {
                     "type": "static_select",
                     "action_id": SILENCE_PICK,
                     "placeholder": {"type": "plain_text", "text": "Silence for…"},
                     "options": [
-                        {"text": {"type": "plain_text", "text": choice}, "value": f"{alert.key} {choice}"}
-                        for choice in SILENCE_CHOICES
+                        {"text": {"type": "plain_text", "text": choice}, "value": choice} for choice in SILENCE_CHOICES
                     ],
                 }
             ],
@@ -176,9 +175,10 @@ async def unsilence(ctx: OpsContext, args: UnsilenceArgs) -> Reply:
 
 
 async def silence_pick(deps: Deps, action: Mapping[str, Any]) -> str:
-    """A choice in a fired alert's Silence menu: `/ops silence <key> <duration>` as the clicker."""
-    value = str((action.get("selected_option") or {}).get("value", ""))[:260]
-    key, _, duration = value.partition(" ")
+    """A choice in a fired alert's Silence menu: `/ops silence <key> <duration>` as the clicker (the
+    menu's block_id names the alert, the option's value the duration)."""
+    key = str(action.get("block_id", ""))[:260].removeprefix("alert:")
+    duration = str((action.get("selected_option") or {}).get("value", ""))[:10]
     if not re.fullmatch(KEY, key) or duration not in SILENCE_CHOICES:
         raise CommandError("That is not a silence opsbot offered.")
     return f"silence {key} {duration}"

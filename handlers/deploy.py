@@ -164,7 +164,7 @@ def _choices(service: str, component: str, candidates: list[Release]) -> Block:
     options = [
         {
             "text": {"type": "plain_text", "text": bk.clip(f"{r.id} · {_when(r.created_at)} · {r.description}", 75)},
-            "value": f"{service} {r.id} {component}",
+            "value": r.id,  # Slack allows 150 characters; service and component ride in the block_id
         }
         for r in candidates[:100]
     ]
@@ -326,11 +326,15 @@ async def roll_forward_command(deps: Deps, action: Mapping[str, Any]) -> str:
 
 
 async def pick_command(deps: Deps, action: Mapping[str, Any]) -> str:
-    """The command a choice in the `/ops rollback <service> ?` menu asks for."""
+    """The command a choice in the `/ops rollback <service> ?` menu asks for (the menu's block_id
+    names the service and component, the option's value the release)."""
+    block = str(action.get("block_id", ""))[:300]
     value = str((action.get("selected_option") or {}).get("value", ""))[:300]
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62} [A-Za-z0-9][A-Za-z0-9._-]{0,99} [a-z0-9][a-z0-9_-]{0,62}", value):
+    name = r"[a-z0-9][a-z0-9_-]{0,62}"
+    where = re.fullmatch(rf"rollback:({name}):({name})", block)
+    if where is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
         raise CommandError("That choice is not a release opsbot offered.")
-    return f"rollback {value}"
+    return f"rollback {where[1]} {value} {where[2]}"
 
 
 # --- restart and scale -----------------------------------------------------------------------

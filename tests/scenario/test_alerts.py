@@ -3,13 +3,11 @@ silences it as the clicker (audited), it resolves by editing that message; /ops 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import parse_qs, quote
 
 import pytest
 
@@ -18,6 +16,7 @@ from bot.serve import build_watcher
 from handlers.alerts import SILENCE_PICK
 from services.alerts.watch import Watcher
 from tests.fixtures.slack import FakeSlack
+from tests.fixtures.wait import wait_until
 from tests.scenario.harness import Bot, inventory, running_bot
 
 OPERATOR = "U0OPER1"
@@ -80,26 +79,21 @@ async def test_a_down_alert_is_posted_once_silenced_from_its_menu_and_resolved_b
     blocks = post.json_param("blocks")  # type: ignore[attr-defined]
     assert "ServiceDown" in json.dumps(blocks) and KEY in json.dumps(blocks)
     menu = blocks[-1]["elements"][0]
-    assert menu["action_id"] == SILENCE_PICK and [o["value"] for o in menu["options"]] == [
-        f"{KEY} 1h",
-        f"{KEY} 4h",
-        f"{KEY} 24h",
-    ]
+    assert menu["action_id"] == SILENCE_PICK and [o["value"] for o in menu["options"]] == ["1h", "4h", "24h"]
+    assert blocks[-1]["block_id"] == f"alert:{KEY}"
     listing = await world.ask("alerts", VIEWER)
     assert f"`{KEY}` since" in listing
     body = world.slack.block_actions_body(
-        SILENCE_PICK, "", user_id=OPERATOR, response_url=world.slack.response_url(OPERATOR)
+        SILENCE_PICK,
+        "1h",
+        user_id=OPERATOR,
+        response_url=world.slack.response_url(OPERATOR),
+        block_id=f"alert:{KEY}",
+        element="static_select",
     )
-    payload = json.loads(parse_qs(body)["payload"][0])
-    payload["actions"][0].update({"type": "static_select", "selected_option": {"value": f"{KEY} 1h"}})
-    payload["actions"][0].pop("value", None)
-    assert (await world.bot.post("payload=" + quote(json.dumps(payload)))).status == 200
-    for _ in range(100):
-        silences = await world.bot.container.store.active_silences(datetime.now(UTC))
-        if silences:
-            break
-        await asyncio.sleep(0.05)
-    [silence] = silences
+    assert (await world.bot.post(body)).status == 200
+    store = world.bot.container.store
+    [silence] = await wait_until(lambda: store.active_silences(datetime.now(UTC)), "the menu choice silences the alert")
     assert silence.key == KEY and silence.by == OPERATOR
     events = [e for e in await world.bot.container.store.audit_events(limit=50) if e.command == "silence"]
     assert [e.actor for e in events] == [OPERATOR]

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote
 
 import pytest
 
@@ -196,15 +195,18 @@ async def test_the_question_mark_offers_a_menu_and_a_choice_becomes_a_request(wo
     menu = blocks[-1]["elements"][0]
     assert menu["action_id"] == ROLLBACK_PICK
     values = [o["value"] for o in menu["options"]]
-    assert values == ["worklog 2 fn", "worklog 1 fn"]  # ready, not live, newest first
+    assert values == ["2", "1"]  # ready, not live, newest first
+    assert blocks[-1]["block_id"] == "rollback:worklog:fn"
     before = len(world.slack.calls_to("chat.postMessage"))
     body = world.slack.block_actions_body(
-        ROLLBACK_PICK, "", user_id=OPERATOR, response_url=world.slack.response_url(OPERATOR)
+        ROLLBACK_PICK,
+        "1",
+        user_id=OPERATOR,
+        response_url=world.slack.response_url(OPERATOR),
+        block_id=blocks[-1]["block_id"],
+        element="static_select",
     )
-    payload = json.loads(parse_qs(body)["payload"][0])
-    payload["actions"][0].update({"type": "static_select", "selected_option": {"value": "worklog 1 fn"}})
-    payload["actions"][0].pop("value", None)
-    await world.bot.post("payload=" + quote(json.dumps(payload)))
+    await world.bot.post(body)
     approval = await world.requested(before)
     assert approval.plan["params"]["target"] == "1" and approval.requester == OPERATOR
 
