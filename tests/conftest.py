@@ -8,7 +8,7 @@ import pytest
 from bot.logging import configure_logging
 from services.redaction import Redactor
 
-pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.slack", "tests.fixtures.aws"]
+pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.slack", "tests.fixtures.aws", "tests.fixtures.qdrant"]
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from qdrant_client.models import CollectionStatus
 
 from services.health import Check, ProbeResult, Status
 from services.inventory import Component, QdrantComponent
-from services.probes._common import network_problem, scrubber, short_error, since_ms, worst
+from services.probes._common import connect_budget, network_problem, scrubber, short_error, since_ms, worst
 from services.redaction import Redactor
 
 QdrantClientFactory = Callable[[QdrantComponent], AsyncQdrantClient]
@@ -48,14 +49,16 @@ def _missing(exc: Exception) -> bool:
     return isinstance(exc, ValueError) and "not found" in str(exc)
 
 
-def _problem(exc: Exception, redactor: Redactor) -> str:
+def _problem(exc: Exception, timeout: float, redactor: Redactor) -> str:
     if isinstance(exc, UnexpectedResponse):
         if exc.status_code in (401, 403):
             return "cannot log in: the API key was refused"
         return f"Qdrant answered {exc.status_code} {exc.reason_phrase}".strip()
-    if isinstance(exc, ResponseHandlingException):
-        return network_problem(exc.source) or short_error(exc.source, redactor)
-    return network_problem(exc) or short_error(exc, redactor)
+    source = exc.source if isinstance(exc, ResponseHandlingException) else exc
+    found = network_problem(source)
+    if found == "timed out":
+        return f"no answer within {timeout:g} s"
+    return found or short_error(source, redactor)
 
 
 class QdrantProbe:
@@ -80,15 +83,24 @@ class QdrantProbe:
         except (ValueError, RuntimeError, OSError) as exc:
             # e.g. local-mode storage already locked by another process.
             return ProbeResult(Status.CRITICAL, f"cannot open Qdrant: {short_error(exc, redactor)}", since_ms(started))
+        checks: list[Check] = []
+        facts: dict[str, str | int | float] = {}
         try:
-            checks: list[Check] = []
-            facts: dict[str, str | int | float] = {}
-            for name in component.collections:
-                check, state, points = await self._collection(client, name, redactor)
-                checks.append(check)
-                facts[f"status.{name}"] = state
-                if points is not None:
-                    facts[f"points.{name}"] = points
+            # One budget for all collections, a little under the component's timeout: the client's
+            # timeout is per request and whole seconds, so N slow collections would take N times it
+            # and the probe would be cut off by the caller without its own reason.
+            async with asyncio.timeout(connect_budget(component.timeout)):
+                for name in component.collections:
+                    check, state, points = await self._collection(client, name, component, redactor)
+                    checks.append(check)
+                    facts[f"status.{name}"] = state
+                    if points is not None:
+                        facts[f"points.{name}"] = points
+        except TimeoutError:
+            silent = f"unreachable: no answer within {component.timeout:g} s"
+            for name in component.collections[len(checks) :]:
+                checks.append(Check(name, Status.CRITICAL, silent))
+                facts[f"status.{name}"] = "error"
         finally:
             if self._owns_clients:
                 await client.close()
@@ -102,7 +114,7 @@ class QdrantProbe:
         return ProbeResult(status, detail, latency, facts, tuple(checks))
 
     async def _collection(
-        self, client: AsyncQdrantClient, name: str, redactor: Redactor
+        self, client: AsyncQdrantClient, name: str, component: QdrantComponent, redactor: Redactor
     ) -> tuple[Check, str, int | None]:
         """The collection's Check, its state word (colour, missing, error) and point count."""
         try:
@@ -110,7 +122,11 @@ class QdrantProbe:
         except Exception as exc:  # the client raises a different type per transport
             if _missing(exc):
                 return Check(name, Status.CRITICAL, "missing"), "missing", None
-            return Check(name, Status.CRITICAL, f"unreachable: {_problem(exc, redactor)}"), "error", None
+            return (
+                Check(name, Status.CRITICAL, f"unreachable: {_problem(exc, component.timeout, redactor)}"),
+                "error",
+                None,
+            )
         colour = CollectionStatus(info.status)
         points = info.points_count or 0
         status = _COLOUR_STATUS.get(colour, Status.CRITICAL)
