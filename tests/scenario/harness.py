@@ -17,9 +17,12 @@ from bot.container import Container, build_container
 from bot.metrics import Metrics
 from bot.server import Readiness, Runtime, build_web_app
 from bot.settings import Settings
+from handlers.approvals import status_line
 from services.inventory import LoadedInventory, parse_inventory
 from services.redaction import Redactor
-from tests.fixtures.slack import FakeSlack, sign
+from services.state import Approval
+from tests.fixtures.slack import Call, FakeSlack, sign
+from tests.fixtures.wait import wait_until
 
 SIGNING_SECRET = "test-signing-secret-5f2d9c"
 BOT_TOKEN = "xoxb-test-bot-token-123456789"
@@ -56,6 +59,52 @@ class Bot:
     async def get(self, path: str) -> tuple[int, str]:
         async with self.http.get(f"{self.url}{path}") as resp:
             return resp.status, await resp.text()
+
+    async def approval_posted(self, approval_id: str, timeout: float = 20) -> Approval:  # noqa: ASYNC109
+        """The approval once its message is posted and its ts remembered (just after the post)."""
+        store = self.container.store
+
+        async def attached() -> Approval | None:
+            approval = await store.get_approval(approval_id)
+            return approval if approval is not None and approval.message_ts else None
+
+        return await wait_until(attached, f"the message of approval {approval_id} is attached", timeout=timeout)
+
+    async def settled(self, approval: Approval, timeout: float = 20) -> Approval:  # noqa: ASYNC109
+        """The approval once it reached a final state and its message was edited to say so."""
+        store = self.container.store
+
+        async def final() -> Approval | None:
+            current = await store.get_approval(approval.id)
+            return current if current is not None and current.state.final else None
+
+        current = await wait_until(final, f"approval {approval.id} finishes", timeout=timeout)
+        line = status_line(self.container.deps.approvals, current)
+
+        def edited() -> list[Call]:
+            return [c for c in self.slack.calls_to("chat.update")
+                    if c.params.get("ts") == current.message_ts and line in all_text(c)]  # fmt: skip
+
+        await wait_until(edited, f"the message of approval {approval.id} says {line!r}", timeout=timeout)
+        return current
+
+
+def all_text(call: Call) -> str:
+    """The fallback text and every text in the blocks of a recorded Slack call, one per line."""
+    found = [str(call.params.get("text", ""))]
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("text"), str):
+                found.append(value["text"])
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(call.json_param("blocks"))
+    return "\n".join(found)
 
 
 def settings_for(slack: FakeSlack, state_dir: Path, **extra: Any) -> Settings:

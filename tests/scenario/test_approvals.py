@@ -19,6 +19,7 @@ from handlers.approvals import APPROVE, CANCEL, DENY, sweep
 from services.state import Approval, ApprovalState
 from tests.fixtures.servers import PostgresServer, free_port
 from tests.fixtures.slack import Call, FakeSlack, sign
+from tests.fixtures.wait import wait_until
 from tests.scenario.harness import SIGNING_SECRET, Bot, inventory, running_bot
 
 REQUESTER = "U0REQ1"  # operator
@@ -97,13 +98,7 @@ class World:
         answer = await self.bot.command(text, user=user, channel=channel)
         assert answer.status == 200
         posts = await self.slack.wait_for("chat.postMessage", count=before + 1)
-        approval_id = posts[-1].params["blocks"][-1]["elements"][0]["value"]
-        for _ in range(100):  # the message ts is remembered just after the post
-            approval = await self.bot.container.store.get_approval(approval_id)
-            if approval is not None and approval.message_ts is not None:
-                return approval
-            await asyncio.sleep(0.02)
-        raise AssertionError("the approval message was never attached")
+        return await self.bot.approval_posted(posts[-1].params["blocks"][-1]["elements"][0]["value"])
 
     async def click(self, action_id: str, approval: Approval, user: str, **kwargs: Any) -> int:
         body = self.slack.block_actions_body(
@@ -115,16 +110,8 @@ class World:
         [call] = await self.slack.wait_for(f"response_url/{user}", timeout=timeout)
         return str(call.params["text"])
 
-    async def settled(self, approval: Approval, timeout: float = 10) -> Approval:  # noqa: ASYNC109
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            current = await self.bot.container.store.get_approval(approval.id)
-            assert current is not None
-            if current.state.final:
-                await asyncio.sleep(0.1)  # the message edits follow the transition
-                return current
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"approval {approval.id} did not finish")
+    async def settled(self, approval: Approval) -> Approval:
+        return await self.bot.settled(approval)
 
     async def events(self, command: str) -> list[Any]:
         return [e for e in await self.bot.container.store.audit_events(limit=500) if e.command == command]
@@ -250,8 +237,7 @@ async def test_approve_after_expiry_is_refused_and_the_message_says_expired(worl
     assert answer.startswith("This request expired at ") and "/ops jobs reset-stuck pipeline" in answer
     stored = await world.bot.container.store.get_approval(approval.id)
     assert stored is not None and stored.state is S.EXPIRED
-    await asyncio.sleep(0.1)
-    assert "Expired" in texts(edits(world.slack)[-1])
+    await wait_until(lambda: any("Expired" in texts(e) for e in edits(world.slack)), "the message says Expired")
     assert (await jobs_state(world.dsn))[1][0] == "processing"
 
 
@@ -275,7 +261,7 @@ async def test_deny_ends_it_and_nothing_runs(world: World) -> None:
     await world.click(APPROVE, approval, APPROVER_2)
     assert (await world.answer_to(APPROVER_2)).startswith(f"This request was denied by <@{APPROVER}>")
     assert (await world.bot.container.store.get_approval(approval.id)).state is S.DENIED  # type: ignore[union-attr]
-    assert "Denied" in texts(edits(world.slack)[-1])
+    await wait_until(lambda: any("Denied" in texts(e) for e in edits(world.slack)), "the message says Denied")
     assert (await jobs_state(world.dsn))[1][0] == "processing"
 
 

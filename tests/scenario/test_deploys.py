@@ -3,7 +3,6 @@ failed health check and its roll-forward, the `?` menu), restart and lifecycle o
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -53,13 +52,7 @@ class World:
 
     async def requested(self, before: int) -> Approval:
         posts = await self.slack.wait_for("chat.postMessage", count=before + 1, timeout=20)
-        approval_id = posts[-1].params["blocks"][-1]["elements"][0]["value"]
-        for _ in range(200):
-            approval = await self.bot.container.store.get_approval(approval_id)
-            if approval is not None and approval.message_ts:
-                return approval
-            await asyncio.sleep(0.02)
-        raise AssertionError("the approval message was never attached")
+        return await self.bot.approval_posted(posts[-1].params["blocks"][-1]["elements"][0]["value"])
 
     async def request(self, text: str, user: str = OPERATOR) -> Approval:
         before = len(self.slack.calls_to("chat.postMessage"))
@@ -73,14 +66,7 @@ class World:
 
     async def approve(self, approval: Approval) -> Approval:
         await self.click(APPROVE, approval.id)
-        for _ in range(600):
-            current = await self.bot.container.store.get_approval(approval.id)
-            assert current is not None
-            if current.state.final:
-                await asyncio.sleep(0.1)
-                return current
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"approval {approval.id} did not finish")
+        return await self.bot.settled(approval, timeout=30)
 
 
 def deploy_inventory(app_url: str, endpoint: str, function: str, jobs_dsn: str, docker: Path, stack: Path) -> str:
