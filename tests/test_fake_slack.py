@@ -118,7 +118,6 @@ async def test_missing_arguments_are_refused(
         [{"type": "section", "text": {"type": "markdown_text", "text": "unknown text type"}}],
         [actions({"type": "buton", "action_id": "typo", "text": {"type": "plain_text", "text": "x"}})],
         [section("")],
-        [],
         "not a list",
     ],
     ids=[
@@ -137,7 +136,6 @@ async def test_missing_arguments_are_refused(
         "unknown-text-type",
         "unknown-element",
         "empty-text",
-        "no-blocks",
         "not-a-list",
     ],
 )

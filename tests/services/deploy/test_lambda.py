@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from botocore.awsrequest import AWSResponse
 
 from bot.logging import configure_logging
 from services.deploy.aws_lambda import LambdaProvider
@@ -165,6 +166,60 @@ async def test_rollback_is_refused_when_the_alias_moved_since_the_plan(
     assert "nothing was changed" in caught.value.message
     assert function.alias_version() == "1"
     assert "UpdateAlias" not in calls.names
+
+
+class AliasMovedMeanwhile:
+    """AWS's RevisionId check, which moto skips: just before the provider's UpdateAlias goes out,
+    someone else moves the alias (a real update in moto), so the RevisionId the provider read is
+    stale and AWS answers 412 PreconditionFailedException. A ``before-call`` hook returns that answer
+    the way botocore would have parsed it from AWS."""
+
+    def __init__(self, function: Function, to_version: str) -> None:
+        self.function, self.to_version = function, to_version
+        self.sent_revisions: list[str] = []
+
+    def __call__(self, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        before = self.function.admin.get_alias(FunctionName=self.function.name, Name="live")["RevisionId"]
+        self.function.admin.update_alias(FunctionName=self.function.name, Name="live", FunctionVersion=self.to_version)
+        body = json.loads(params["body"])
+        self.sent_revisions.append(body.get("RevisionId", ""))
+        assert body.get("RevisionId") == before, "the provider must send the RevisionId it read"
+        message = (
+            "The Revision Id provided does not match the latest Revision Id. "
+            "Call the GetAlias API to retrieve the latest Revision Id"
+        )
+        parsed = {
+            "Error": {"Code": "PreconditionFailedException", "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": 412, "HTTPHeaders": {}},
+            "Type": "User",
+            "message": message,
+        }
+        return AWSResponse(params["url"], 412, {}, None), parsed
+
+
+async def test_rollback_is_refused_when_the_alias_moves_between_the_check_and_the_update(
+    function: Function, make_provider: ProviderFactory, moto_endpoint: str
+) -> None:
+    client = aws_client("lambda", moto_endpoint)
+    interloper = AliasMovedMeanwhile(function, to_version="1")
+    client.meta.events.register("before-call.lambda.UpdateAlias", interloper)
+    provider = LambdaProvider(
+        function.name, "live", FAKE_REGION, endpoint_url=moto_endpoint, timeout=5.0, client=client
+    )
+    notes = Notes()
+    try:
+        with pytest.raises(DeployError) as caught:
+            await provider.rollback("2", expected_live="3", progress=notes)
+    finally:
+        await provider.close()
+        client.close()
+
+    assert caught.value.message == (
+        f"The alias live of {function.name} was changed by someone else while the rollback ran; nothing was changed."
+    )
+    assert len(interloper.sent_revisions) == 1 and interloper.sent_revisions[0]
+    assert function.alias_version() == "1"  # the other change stands; ours was refused
+    assert notes.lines == [f"Pointing alias live of {function.name} at version 2 (was 3)."]
 
 
 async def test_unknown_version_is_refused_without_an_update(function: Function, make_provider: ProviderFactory) -> None:
