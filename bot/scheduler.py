@@ -10,14 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple, Protocol
 
-import redis.asyncio as aioredis
 import structlog
 
 from bot.container import Container
@@ -30,67 +27,17 @@ from services.state import StateStore
 
 log = structlog.get_logger(__name__)
 
-# Wider than any clock change a zone makes in practice (DST moves 1 h, "double summer time" 2 h): the
-# window around a moment in which wall-clock order and real-time order of fire times may disagree.
-
 OK = "ok"
 RAN_ELSEWHERE = "skipped: another replica took this fire time"
 FAILED_PREFIX = "failed: "
-LEASE_MARGIN = 600.0
 
 
 class Lease(Protocol):
-    """First taker wins a key until its ttl lapses. There is no release: a released fire time could run twice."""
+    """First taker of a key wins it for good: a fire time's key is never given out again, so it never runs twice."""
 
-    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
-        """Take ``key`` for ``holder`` for ``ttl`` seconds; False if someone holds it already."""
+    async def acquire(self, key: str, holder: str) -> bool:
+        """Take ``key`` for ``holder``; False if anyone (``holder`` too) took it before."""
         ...
-
-
-class MemoryLease:
-    """Leases for one process (tests, a single replica): a dict, with no await between check and set."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._held: dict[str, tuple[str, float]] = {}
-
-    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
-        """Take ``key`` for ``holder`` for ``ttl`` seconds; False if it is held and not yet expired."""
-        if ttl <= 0:
-            raise ValueError(f"lease ttl must be positive, not {ttl!r}")
-        now = self._clock()
-        # Drop lapsed leases so a long-running process keeps only the live ones.
-        for lapsed in [k for k, (_, expires) in self._held.items() if expires <= now]:
-            del self._held[lapsed]
-        if key in self._held:
-            return False
-        self._held[key] = (holder, now + ttl)
-        return True
-
-    def holder(self, key: str) -> str | None:
-        """Who holds ``key`` now, or None (for tests and diagnostics)."""
-        entry = self._held.get(key)
-        return entry[0] if entry is not None and entry[1] > self._clock() else None
-
-
-class RedisLease:
-    """Leases shared by replicas through Redis: ``SET key holder NX PX ttl``, so the key lapses by itself.
-
-    Redis errors propagate: the scheduler then starts nothing for that fire time (fails closed) and tries
-    again on its next pass while the fire time is within its grace window. Give the client a socket timeout
-    (as ``services.locks.open_locks`` does) so an unanswering Redis cannot hold a run slot.
-    """
-
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "opsbot:") -> None:
-        self._client = client
-        self._prefix = prefix
-
-    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
-        """Take ``key`` for ``holder`` for ``ttl`` seconds (rounded up to a millisecond); False if held."""
-        if ttl <= 0:
-            raise ValueError(f"lease ttl must be positive, not {ttl!r}")
-        taken = await self._client.set(self._prefix + key, holder, nx=True, px=max(1, math.ceil(ttl * 1000)))
-        return bool(taken)
 
 
 class Fired(NamedTuple):
@@ -231,7 +178,7 @@ class Scheduler:
             return Fired(spec.name, fire_time, state.last_outcome)
         key = lease_key(spec.name, fire_time)
         try:
-            mine = await self._lease.acquire(key, self._holder, (deadline - now).total_seconds() + LEASE_MARGIN)
+            mine = await self._lease.acquire(key, self._holder)
         except Exception as exc:
             # Fail closed: without the lease another replica may be running it. Retried next pass.
             reason = self._reason(exc)
@@ -325,13 +272,18 @@ async def _drain(tasks: Iterable[asyncio.Task[Fired]], grace: float) -> None:
 
 class StoreLease:
     """Leases as rows of the state store's ``schedule_runs``: claiming a fire time is inserting it, so
-    exactly one replica sharing the store runs it — and a restart never runs it again."""
+    exactly one replica sharing the store runs it — and a restart never runs it again.
+
+    The only lease production uses (``build_scheduler``): with SQLite for one process, with PostgreSQL for
+    replicas. A replica that dies mid-run leaves its fire time claimed and unfinished; it is not run again.
+    """
 
     def __init__(self, store: StateStore, clock: Callable[[], datetime] = _utc_now) -> None:
         self.store = store
         self.clock = clock
 
-    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
+    async def acquire(self, key: str, holder: str) -> bool:
+        """Claim the fire time ``key`` names for ``holder``; False if it was claimed before."""
         prefix, name, fire = key.split(":", 2)
         if prefix != "schedule":
             raise ValueError(f"not a schedule lease key: {key!r}")
@@ -374,6 +326,6 @@ def build_scheduler(container: Container, *, holder: str, clock: Callable[[], da
         await store.finish_schedule_run(name, fire_time, outcome=outcome, at=clock())
 
     return Scheduler(
-        inventory.schedules, run, StoreLease(store), holder=holder, default_tz=inventory.timezone,
+        inventory.schedules, run, StoreLease(store, clock), holder=holder, default_tz=inventory.timezone,
         last_runs=last_run, record=record, redactor=container.redactor, clock=clock,
     )  # fmt: skip

@@ -1,7 +1,9 @@
 """Scheduler: local fire times in a DST-free and a DST zone, missed runs once, one run per fire time across
-replicas (in memory and on a real Redis), failures recorded, every-N-minutes, and clear validation errors.
+replicas (through the state store's claims, on real SQLite and PostgreSQL), failures recorded, every-N-minutes,
+and clear validation errors.
 
-Time is a mutable clock the tests move; nothing waits for real time to pass.
+Time is a mutable clock the tests move; nothing waits for real time to pass. Replicas racing as real processes:
+tests/scenario/test_replicas.py.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import pytest
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from bot.scheduler import (
@@ -24,13 +26,13 @@ from bot.scheduler import (
     RAN_ELSEWHERE,
     Fired,
     Lease,
-    MemoryLease,
-    RedisLease,
     RunSchedule,
     Scheduler,
+    StoreLease,
 )
 from services.schedules import ScheduleSpec, due, latest_fire, lease_key, next_fire
-from tests.fixtures.servers import free_port
+from services.state import StateStore, open_state_store
+from tests.fixtures.servers import PostgresServer
 
 SEOUL = ZoneInfo("Asia/Seoul")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -48,6 +50,19 @@ class Clock:
 
     def advance(self, **delta: float) -> None:
         self.now += timedelta(**delta)
+
+
+class ClaimLease:
+    """StoreLease's rule (the first claim of a key wins it for good) in a dict, for tests that need no store."""
+
+    def __init__(self) -> None:
+        self.holders: dict[str, str] = {}
+
+    async def acquire(self, key: str, holder: str) -> bool:
+        if key in self.holders:
+            return False
+        self.holders[key] = holder
+        return True
 
 
 class Runs:
@@ -246,7 +261,7 @@ def make(
     return Scheduler(
         specs,
         runs.runner(holder),
-        lease if lease is not None else MemoryLease(),
+        lease if lease is not None else ClaimLease(),
         holder=holder,
         default_tz="Asia/Seoul",
         clock=clock,
@@ -320,13 +335,28 @@ async def test_keepalive_every_fourteen_minutes_down_for_hours_pings_once_then_e
     assert [m.strftime("%H:%M") for m in ran] == ["08:48", "09:02", "09:16", "09:30", "09:44", "09:58"]
 
 
-async def test_two_replicas_sharing_a_memory_lease_run_each_fire_time_once() -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[StateStore]]:
+    """Two state stores on one database, as two bot processes would each open it."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.sqlite3'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = server.dsn(await server.create_database())
+    stores = [await open_state_store(url, default_path=tmp_path / "unused.sqlite3") for _ in range(2)]
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+async def test_two_replicas_sharing_one_state_store_run_each_fire_time_once(two_stores: list[StateStore]) -> None:
     clock = Clock(datetime(2025, 3, 1, 12, tzinfo=UTC))
     runs = Runs()
-    lease = MemoryLease()
     specs = [spec(), spec("keepalive", every_minutes=14, command="health work-logging")]
-    a = make(specs, runs, clock, lease, holder="replica-a")
-    b = make(specs, runs, clock, lease, holder="replica-b")
+    a, b = (
+        make(specs, runs, clock, StoreLease(store, clock), holder=holder)
+        for store, holder in zip(two_stores, ("replica-a", "replica-b"), strict=True)
+    )
     outcomes: list[Fired] = []
     for _ in range(3 * 24 * 12):  # three days, both replicas passing at the same moment every 5 min
         for result in await asyncio.gather(a.tick(), b.tick()):
@@ -342,62 +372,28 @@ async def test_two_replicas_sharing_a_memory_lease_run_each_fire_time_once() -> 
         by_fire.setdefault((name, fire), []).append(outcome)
     assert len(by_fire) == len(runs.calls)
     assert all(len(o) == 2 and o.count(RAN_ELSEWHERE) == 1 for o in by_fire.values())
-    assert lease.holder(lease_key("digest", datetime(2025, 3, 3, 17, tzinfo=UTC))) in {"replica-a", "replica-b"}
+    # The claim is a row in the shared store naming the replica that ran it.
+    last = (await two_stores[1].last_schedule_runs())["digest"]
+    assert last.fire_at == datetime(2025, 3, 3, 17, tzinfo=UTC)
+    assert last.holder == next(who for fire, who in digests if fire == last.fire_at)
+    assert all(s.last_fire == last.fire_at for r in (a, b) for s in r.status() if s.name == "digest")
 
 
-@pytest.fixture
-async def redis_clients(redis_url: str) -> AsyncIterator[list[aioredis.Redis]]:
-    """Two clients, as two bot replicas would each have."""
-    clients = [aioredis.from_url(redis_url), aioredis.from_url(redis_url)]
-    yield clients
-    for client in clients:
-        await client.aclose()
-
-
-async def test_two_replicas_on_a_real_redis_post_one_digest_per_fire_time(redis_clients: list[aioredis.Redis]) -> None:
-    prefix = f"opsbot-test-{uuid.uuid4().hex[:8]}:"
-    clock = Clock(datetime(2025, 3, 1, 16, 59, tzinfo=UTC))
-    runs = Runs()
-    replicas = [
-        make([spec()], runs, clock, RedisLease(client, prefix=prefix), holder=f"replica-{i}")
-        for i, client in enumerate(redis_clients)
-    ]
-    for _ in range(3):
-        for _ in range(6):  # a pass a minute on both replicas at once, around each fire time
-            await asyncio.gather(*(replica.tick() for replica in replicas))
-            clock.advance(minutes=1)
-        clock.advance(days=1, minutes=-6)
-    assert sorted(fire for _, fire, _ in runs.calls) == [datetime(2025, 3, day, 17, tzinfo=UTC) for day in (1, 2, 3)]
-    # The lease is a real key that names its holder and lapses after the grace window plus a margin.
-    key = prefix + lease_key("digest", datetime(2025, 3, 3, 17, tzinfo=UTC))
-    assert key == f"{prefix}schedule:digest:2025-03-03T17:00:00+00:00"
-    raw = redis_clients[0]
-    holder = await raw.get(key)
-    assert holder in {b"replica-0", b"replica-1"}
-    assert 0 < await raw.pttl(key) <= (60 * 60 + 600) * 1000
-    assert all(s.last_fire == datetime(2025, 3, 3, 17, tzinfo=UTC) for r in replicas for s in r.status())
-
-
-async def test_redis_lease_is_set_nx_with_an_expiry(redis_clients: list[aioredis.Redis]) -> None:
-    one, other = (RedisLease(client, prefix="t:") for client in redis_clients)
-    results = await asyncio.gather(*(lease.acquire("slot", f"h{i}", 5.0) for i in range(10) for lease in (one, other)))
+async def test_store_lease_gives_a_fire_time_to_one_claim_for_good(two_stores: list[StateStore]) -> None:
+    clock = Clock(datetime(2025, 3, 1, 17, tzinfo=UTC))
+    one, other = (StoreLease(store, clock) for store in two_stores)
+    key = lease_key("digest", datetime(2025, 3, 1, 17, tzinfo=UTC))
+    results = await asyncio.gather(*(lease.acquire(key, f"h{i}") for i in range(10) for lease in (one, other)))
     assert sorted(results) == [False] * 19 + [True]
-    assert 4000 < await redis_clients[0].pttl("t:slot") <= 5000
-    assert await one.acquire("another", "h1", 0.0001) is True  # rounds up to 1 ms rather than "no expiry"
-    with pytest.raises(ValueError, match="positive"):
-        await one.acquire("slot2", "h1", 0)
-
-
-async def test_memory_lease_expires_by_its_clock() -> None:
-    now = [100.0]
-    lease = MemoryLease(clock=lambda: now[0])
-    assert await lease.acquire("k", "a", 10) is True
-    assert await lease.acquire("k", "b", 10) is False
-    now[0] += 9.9
-    assert await lease.acquire("k", "b", 10) is False and lease.holder("k") == "a"
-    now[0] += 0.2
-    assert lease.holder("k") is None
-    assert await lease.acquire("k", "b", 10) is True and lease.holder("k") == "b"
+    winner = f"h{results.index(True) // 2}"
+    [run] = (await two_stores[0].last_schedule_runs()).values()
+    assert (run.name, run.fire_at, run.holder, run.started_at) == ("digest", clock.now, winner, clock.now)
+    # No lapse and no re-entry: days later, the winner itself cannot take that fire time again.
+    clock.advance(days=30)
+    assert await one.acquire(key, winner) is False and await other.acquire(key, winner) is False
+    assert await one.acquire(lease_key("digest", datetime(2025, 3, 2, 17, tzinfo=UTC)), "h1") is True
+    with pytest.raises(ValueError, match="not a schedule lease key"):
+        await one.acquire("backup:digest:2025-03-01T17:00:00+00:00", "h1")
 
 
 async def test_a_failing_run_is_recorded_and_the_next_fire_time_still_runs() -> None:
@@ -419,17 +415,17 @@ async def test_a_failing_run_is_recorded_and_the_next_fire_time_still_runs() -> 
 
 
 class FlakyLease:
-    """A MemoryLease whose backing service is down for the first ``down`` calls."""
+    """A ClaimLease whose backing service is down for the first ``down`` calls."""
 
     def __init__(self, down: int) -> None:
-        self.inner = MemoryLease()
+        self.inner = ClaimLease()
         self.down = down
 
-    async def acquire(self, key: str, holder: str, ttl: float) -> bool:
+    async def acquire(self, key: str, holder: str) -> bool:
         if self.down > 0:
             self.down -= 1
             raise ConnectionRefusedError("Connect call failed ('127.0.0.1', 1)")
-        return await self.inner.acquire(key, holder, ttl)
+        return await self.inner.acquire(key, holder)
 
 
 async def test_lease_or_state_store_down_starts_nothing_and_retries_next_pass() -> None:
@@ -453,21 +449,32 @@ async def test_lease_or_state_store_down_starts_nothing_and_retries_next_pass() 
 
     runs = Runs()
     careful = Scheduler(
-        [spec()], runs.runner("a"), MemoryLease(), holder="a", default_tz="Asia/Seoul", clock=clock, last_runs=last_runs
+        [spec()], runs.runner("a"), ClaimLease(), holder="a", default_tz="Asia/Seoul", clock=clock, last_runs=last_runs
     )
     assert await careful.tick() == []
     assert await careful.tick() != [] and len(runs.calls) == 1
 
 
-async def test_a_redis_that_is_not_there_fails_closed() -> None:
-    client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
-    clock = Clock(datetime(2025, 3, 1, 17, 1, tzinfo=UTC))
-    runs = Runs()
-    scheduler = make([spec()], runs, clock, RedisLease(client))
-    [(_, _, outcome)] = await scheduler.tick()
-    await client.aclose()
-    assert outcome.startswith("not started: lease unavailable")
-    assert runs.calls == []
+async def test_a_state_database_that_is_gone_fails_closed(postgres_server: PostgresServer, tmp_path: Path) -> None:
+    database = await postgres_server.create_database()
+    store = await open_state_store(postgres_server.dsn(database), default_path=tmp_path / "unused.sqlite3")
+    try:
+        # Dropped under the open pool: its connections are cut and new ones are refused.
+        admin = await asyncpg.connect(postgres_server.dsn(), timeout=10)
+        try:
+            await admin.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        clock = Clock(datetime(2025, 3, 1, 17, 1, tzinfo=UTC))
+        runs = Runs()
+        scheduler = make([spec()], runs, clock, StoreLease(store, clock))
+        [(_, _, outcome)] = await scheduler.tick()
+        assert outcome.startswith("not started: lease unavailable"), outcome
+        assert runs.calls == []
+        [(_, _, outcome)] = await scheduler.tick()  # tried again on the next pass, still closed
+        assert outcome.startswith("not started: lease unavailable") and runs.calls == []
+    finally:
+        await store.close()
 
 
 async def test_runs_are_concurrent_within_the_bound() -> None:
@@ -484,7 +491,7 @@ async def test_runs_are_concurrent_within_the_bound() -> None:
         return OK
 
     specs = [spec(f"s{i}") for i in range(3)]
-    scheduler = Scheduler(specs, run, MemoryLease(), holder="a", default_tz="Asia/Seoul", clock=clock, max_concurrent=2)
+    scheduler = Scheduler(specs, run, ClaimLease(), holder="a", default_tz="Asia/Seoul", clock=clock, max_concurrent=2)
     tick = asyncio.create_task(scheduler.tick())
     await asyncio.wait_for(two_started.wait(), 5)
     for _ in range(20):  # give a third run every chance to start: it must not
@@ -513,7 +520,7 @@ async def test_loop_keeps_firing_other_schedules_while_a_slow_run_goes_on() -> N
 
     backup = spec("backup", cron="0 2 * * *", command="backup shop")
     ping = spec("keepalive", every_minutes=14, command="health work-logging")
-    scheduler = Scheduler([backup, ping], run, MemoryLease(), holder="a", default_tz="Asia/Seoul", clock=clock)
+    scheduler = Scheduler([backup, ping], run, ClaimLease(), holder="a", default_tz="Asia/Seoul", clock=clock)
     stop = asyncio.Event()
     looping = asyncio.create_task(scheduler.loop(stop, every=0.001))
     await asyncio.wait_for(pinged.wait(), 5)  # the 16:58 ping, started beside the backup
@@ -542,7 +549,7 @@ async def test_loop_cancels_runs_still_going_after_the_drain() -> None:
             raise
         return OK
 
-    scheduler = Scheduler([spec()], run, MemoryLease(), holder="a", default_tz="Asia/Seoul", clock=clock)
+    scheduler = Scheduler([spec()], run, ClaimLease(), holder="a", default_tz="Asia/Seoul", clock=clock)
     stop = asyncio.Event()
     looping = asyncio.create_task(scheduler.loop(stop, every=0.001, drain=0.01))
     await asyncio.wait_for(started.wait(), 5)
@@ -571,10 +578,10 @@ def test_status_lists_next_fire_in_utc_and_local_time() -> None:
 def test_scheduler_refuses_bad_set_ups() -> None:
     run = Runs().runner("a")
     with pytest.raises(ValueError, match="unique: digest"):
-        Scheduler([spec(), spec()], run, MemoryLease(), holder="a", default_tz="UTC")
+        Scheduler([spec(), spec()], run, ClaimLease(), holder="a", default_tz="UTC")
     with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
-        Scheduler([spec()], run, MemoryLease(), holder="a", default_tz="Mars/Olympus")
-    naive = Scheduler([spec()], run, MemoryLease(), holder="a", default_tz="UTC", clock=lambda: datetime(2025, 1, 1))
+        Scheduler([spec()], run, ClaimLease(), holder="a", default_tz="Mars/Olympus")
+    naive = Scheduler([spec()], run, ClaimLease(), holder="a", default_tz="UTC", clock=lambda: datetime(2025, 1, 1))
     with pytest.raises(ValueError, match="clock must be a time-zone-aware"):
         naive.status()
 

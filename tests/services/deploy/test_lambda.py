@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from botocore.awsrequest import AWSResponse
+from botocore.awsrequest import AWSResponse  # type: ignore[import-untyped]
 
 from bot.logging import configure_logging
 from services.deploy.aws_lambda import LambdaProvider
