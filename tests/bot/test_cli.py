@@ -20,6 +20,7 @@ from bot.sample_app import SampleAppState, start_sample_app
 from services.state import open_state_store
 from tests.fixtures.servers import free_port
 from tests.fixtures.slack import FakeSlack, sign
+from tests.fixtures.wait import wait_until
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "inventory.yaml"
@@ -161,17 +162,16 @@ async def test_console_reads_commands_as_a_chosen_user(tmp_path: Path, app_url: 
 
 async def until_ok(url: str) -> None:
     """Poll ``url`` until it answers 200 (20 s at most)."""
-    deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as http:
-        while True:
+
+        async def ok() -> bool:
             try:
                 async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
+                    return resp.status == 200
             except aiohttp.ClientConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"{url} never answered 200"
-            await asyncio.sleep(0.1)
+                return False
+
+        await wait_until(ok, f"{url} answers 200", timeout=20)
 
 
 @contextlib.asynccontextmanager
@@ -268,14 +268,26 @@ async def test_serve_waits_for_a_state_database_that_is_not_up_and_stops_when_to
         sys.executable, "-m", "bot.cli", "serve", env={**os.environ, **env}, cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    lines: list[str] = []
+
+    async def read_stderr() -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            lines.append(raw.decode())
+
+    reader = asyncio.create_task(read_stderr())
     base = f"http://127.0.0.1:{port}"
     await until_ok(f"{base}/healthz")
-    await asyncio.sleep(1.5)  # a retry or two
+    await wait_until(
+        lambda: sum('"state_store_unavailable"' in line for line in lines) >= 2, "serve retries the state store twice"
+    )
     async with aiohttp.ClientSession() as http, http.get(f"{base}/ready") as resp:
         assert resp.status == 503
         assert (await resp.json())["problems"] == {"startup": "inventory and state store not loaded yet"}
     started = time.monotonic()
-    err = await stop(proc)
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(asyncio.gather(proc.wait(), reader), 30)
+    err = "".join(lines)
     assert proc.returncode == 0 and time.monotonic() - started < 5
     warnings = [json.loads(line) for line in err.splitlines() if '"state_store_unavailable"' in line]
     assert warnings and warnings[0]["reason"] == "connection refused"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -19,6 +18,7 @@ from bot.settings import Settings
 from services.redaction import Redactor
 from tests.fixtures.servers import free_port
 from tests.fixtures.slack import FakeSlack, slash_body
+from tests.fixtures.wait import wait_until
 
 
 class SlackSocket:
@@ -83,13 +83,12 @@ async def test_socket_mode_serves_ops_and_ready_waits_for_the_socket(
     try:
         async with aiohttp.ClientSession() as http:
             await asyncio.wait_for(socket.connected.wait(), 15)
-            deadline = time.monotonic() + 15
-            while True:
+
+            async def ready() -> bool:
                 async with http.get(f"http://127.0.0.1:{port}/ready") as resp:
-                    if resp.status == 200:
-                        break
-                assert time.monotonic() < deadline, await resp.text()
-                await asyncio.sleep(0.05)
+                    return resp.status == 200
+
+            await wait_until(ready, "/ready answers 200", timeout=15)
             async with http.post(f"http://127.0.0.1:{port}/slack/events", data="x") as resp:
                 assert resp.status == 404  # in Socket Mode nothing arrives over HTTP
         [connections_open] = fake_slack.calls_to("apps.connections.open")

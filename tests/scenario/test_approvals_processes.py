@@ -7,8 +7,7 @@ import contextlib
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +20,7 @@ from handlers.approvals import APPROVE
 from services.state import Approval, ApprovalState, StateStore, open_state_store
 from tests.fixtures.servers import PostgresServer, free_port
 from tests.fixtures.slack import Call, FakeSlack, sign
+from tests.fixtures.wait import wait_until
 from tests.scenario.test_approvals import CLICKERS, REQUESTER, create_jobs_db, pipeline_inventory
 from tests.scenario.test_approvals import JOBS_SQL as BASE_JOBS_SQL
 
@@ -50,18 +50,6 @@ CREATE TRIGGER jobs_row AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION count
 @pytest.fixture
 async def jobs_dsn(postgres_server: PostgresServer) -> str:
     return await create_jobs_db(postgres_server, JOBS_SQL)
-
-
-async def until(what: str, check: Callable[[], Awaitable[T | None]], timeout: float = 20) -> T:  # noqa: ASYNC109
-    """Poll ``check`` until it returns something other than None (or False); fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await check()
-        if found is not None and found is not False:
-            return found
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -113,7 +101,7 @@ async def replica(name: str, env: dict[str, str], log_dir: Path) -> AsyncIterato
                         return resp.status == 200
                 return False
 
-            await until(f"{name} to be ready", ready, timeout=30)
+            await wait_until(ready, f"{name} to be ready", timeout=30)
         yield bot
     finally:
         if proc.returncode is None:
@@ -146,7 +134,7 @@ async def request_reset(
     async def attached() -> str | None:  # the message ts is remembered just after the post
         return (await approval_now(store, approval_id)).message_ts
 
-    return approval_id, await until("the approval message to be attached", attached, timeout=10)
+    return approval_id, await wait_until(attached, "the approval message to be attached", timeout=10)
 
 
 def click_body(slack: FakeSlack, approval_id: str, user: str, message_ts: str) -> str:
@@ -209,7 +197,7 @@ async def test_fifty_clicks_over_two_replicas_run_the_reset_exactly_once(
             current = await approval_now(store, approval_id)
             return current if current.state.final else None
 
-        final = await until("the approval to finish", finished)
+        final = await wait_until(finished, "the approval to finish", timeout=20)
         answers: list[Call] = []
         for user in CLICKERS:
             [answer] = await fake_slack.wait_for(f"response_url/{user}", timeout=15)
@@ -238,9 +226,12 @@ async def test_fifty_clicks_over_two_replicas_run_the_reset_exactly_once(
         assert all(str(jobs[n][2]).startswith("reset by opsbot") for n in (1, 2, 3))
         assert jobs[4] == ("processing", False, None) and jobs[5] == ("done", False, None)
 
-        await asyncio.sleep(0.3)  # the last message edits follow the transition
-        edits = [c for c in fake_slack.calls_to("chat.update") if c.params.get("ts") == message_ts]
-        assert edits and "Done" in texts(edits[-1])
+        def done_edits() -> list[Call]:
+            return [
+                c for c in fake_slack.calls_to("chat.update") if c.params.get("ts") == message_ts and "Done" in texts(c)
+            ]
+
+        await wait_until(done_edits, "the approval message is edited to Done", timeout=20)
 
         codes = await asyncio.gather(stop(a), stop(b))
         assert list(codes) == [0, 0], logs
@@ -276,7 +267,7 @@ async def test_a_bot_killed_during_a_run_leaves_it_interrupted_for_the_next_one_
             assert not current.state.final, f"{current.state}: {current.result}\n{first.tail()}"
             return current if current.state is S.RUNNING else None
 
-        await until("the run to start", running)
+        await wait_until(running, "the run to start", timeout=20)
 
         async def reset_waits_on_the_row_locks() -> bool:
             waiting = await watcher.fetchval(
@@ -286,7 +277,7 @@ async def test_a_bot_killed_during_a_run_leaves_it_interrupted_for_the_next_one_
             )
             return bool(waiting)
 
-        await until("the bot's UPDATE to wait on the row locks", reset_waits_on_the_row_locks)
+        await wait_until(reset_waits_on_the_row_locks, "the bot's UPDATE to wait on the row locks", timeout=20)
         first.proc.send_signal(signal.SIGKILL)
         assert await asyncio.wait_for(first.proc.wait(), 10) == -signal.SIGKILL
         await blocking.rollback()
@@ -298,7 +289,7 @@ async def test_a_bot_killed_during_a_run_leaves_it_interrupted_for_the_next_one_
             return bool(left == 0)
 
         # The dead bot's backend gets the row locks now, then finds its client gone and rolls back.
-        await until("the dead bot's database session to end", orphan_gone)
+        await wait_until(orphan_gone, "the dead bot's database session to end", timeout=20)
         assert (await approval_now(store, approval_id)).state is S.RUNNING  # nobody has noticed yet
         updates_before = len(fake_slack.calls_to("chat.update"))
         posts_before = len(fake_slack.calls_to("chat.postMessage"))
@@ -309,7 +300,7 @@ async def test_a_bot_killed_during_a_run_leaves_it_interrupted_for_the_next_one_
             current = await approval_now(store, approval_id)
             return current if current.state is S.INTERRUPTED else None
 
-        final = await until("the new bot to mark the run interrupted", interrupted, timeout=10)
+        final = await wait_until(interrupted, "the new bot to mark the run interrupted", timeout=10)
         assert final.result.startswith("Interrupted: the bot stopped during the run")
 
         async def told() -> tuple[list[Call], list[Call]] | None:
@@ -321,7 +312,7 @@ async def test_a_bot_killed_during_a_run_leaves_it_interrupted_for_the_next_one_
             said = [c for c in fake_slack.calls_to("chat.postMessage")[posts_before:] if "was interrupted" in texts(c)]
             return (edits, said) if edits and said else None
 
-        edits, said = await until("the message edit and the channel notice", told, timeout=10)
+        edits, said = await wait_until(told, "the message edit and the channel notice", timeout=10)
         assert all("approval_approve" not in texts(c) for c in edits)  # the buttons are gone
         assert len(said) == 1 and said[0].params["channel"] == "C0OPS" and approval_id in texts(said[0])
         assert len(await events(store, "approval interrupted", approval_id)) == 1

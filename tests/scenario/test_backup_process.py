@@ -16,6 +16,7 @@ from services.locks import LocalLocks
 from services.redaction import Redactor
 from services.state import BackupState, open_state_store
 from tests.fixtures.servers import PostgresServer
+from tests.fixtures.wait import wait_until
 from tests.scenario.test_backups import make_db
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,14 +98,13 @@ async def test_a_backup_killed_half_way_leaves_nothing_that_looks_good(
     target = tmp_path / "backups" / "shop" / "db"
     argv: list[str] = []
     try:
-        for _ in range(600):
+
+        def writing() -> bool:
+            argv.extend(c for c in cmdlines_of_children(proc.pid) if "pg_dump" in c)
             partial = list(target.glob("*.partial-*")) if target.is_dir() else []
-            if partial and partial[0].stat().st_size > 0:
-                break
-            argv += [c for c in cmdlines_of_children(proc.pid) if "pg_dump" in c]
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the dump never started writing")
+            return bool(partial and partial[0].stat().st_size > 0)
+
+        await wait_until(writing, "the dump starts writing", timeout=12)
         argv += [c for c in cmdlines_of_children(proc.pid) if "pg_dump" in c]
         os.kill(proc.pid, signal.SIGKILL)
     finally:

@@ -18,6 +18,7 @@ from services.inventory import Retention
 from services.state import ApprovalState, BackupRecord, BackupState
 from tests.fixtures.servers import PostgresServer
 from tests.fixtures.slack import Call, FakeSlack
+from tests.fixtures.wait import wait_until
 from tests.scenario.harness import Bot, inventory, running_bot
 
 OPERATOR = "U0OPER1"
@@ -80,14 +81,13 @@ class Shop:
         """Run /ops backup and wait for the final edit of its live message; the newest record."""
         before = len(self.slack.calls_to("chat.update"))
         await self.ask(text, user)
-        for _ in range(400):
+
+        def finished() -> bool:
             updates = self.slack.calls_to("chat.update")[before:]
-            if any("Backup of shop:" in str(c.params.get("text")) and "done" in str(c.params.get("text"))
-                   for c in updates):  # fmt: skip
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the backup never finished")
+            return any("Backup of shop:" in str(c.params.get("text")) and "done" in str(c.params.get("text"))
+                       for c in updates)  # fmt: skip
+
+        await wait_until(finished, "the backup's live message says done", timeout=20)
         runner = self.bot.container.deps.backups
         assert runner is not None
         newest = await runner.newest_good("shop", "db")
@@ -205,18 +205,9 @@ async def test_restore_needs_approval_takes_a_safety_backup_and_brings_the_rows_
     body = shop.slack.block_actions_body(
         APPROVE, approval_id, user_id=APPROVER, response_url=shop.slack.response_url(APPROVER)
     )
-    for _ in range(100):  # the message ts is attached just after the post
-        approval = await shop.bot.container.store.get_approval(approval_id)
-        if approval is not None and approval.message_ts:
-            break
-        await asyncio.sleep(0.02)
+    approval = await shop.bot.approval_posted(approval_id)
     assert (await shop.bot.post(body)).status == 200
-    for _ in range(600):
-        approval = await shop.bot.container.store.get_approval(approval_id)
-        assert approval is not None
-        if approval.state.final:
-            break
-        await asyncio.sleep(0.05)
+    approval = await shop.bot.settled(approval, timeout=30)
     assert approval.state is ApprovalState.SUCCEEDED, approval.result
     assert await query(shop.dsn, "SELECT count(*) FROM orders") == 2000
     assert await query(shop.dsn, "SELECT count(*) FROM orders WHERE id = 9999") == 0
@@ -293,10 +284,7 @@ async def test_a_cancelled_backup_leaves_no_object_and_no_good_entry(shop: Shop)
     finally:
         await conn.close()
     task = asyncio.create_task(runner.backup("shop", "db", trigger="manual", requested_by=OPERATOR))
-    for _ in range(200):
-        if list(shop.backups.rglob("*.partial*")):
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: list(shop.backups.rglob("*.partial*")), "the dump starts writing its partial file")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.sample_app import SampleAppState, start_sample_app
 from tests.fixtures.servers import free_port
+from tests.fixtures.wait import wait_until
 from tests.services.conftest import SampleAppFactory
 
 
@@ -97,7 +98,9 @@ async def test_cold_start_is_paid_once_by_everyone_waiting(
 async def test_a_hung_request_is_released_when_the_app_stops(http_session: aiohttp.ClientSession) -> None:
     runner, url = await start_sample_app(SampleAppState(hang=True))
     request = asyncio.create_task(http_session.get(url + "/healthz"))
-    await asyncio.sleep(0.1)
+    assert runner.server is not None
+    server = runner.server
+    await wait_until(lambda: server.connections, "the request reaches the app")
     assert not request.done()
 
     started = time.perf_counter()
