@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import socket
@@ -21,6 +20,7 @@ from services.jobs import Job, JobsClient, job_facts
 from services.redaction import Redactor
 from tests.fixtures.servers import PostgresServer, free_port
 from tests.fixtures.servers import run_sql as run
+from tests.fixtures.wait import wait_until
 
 PASSWORD = "Sw0rdfish-jobs-42"
 MESSAGE = "Reset by opsbot: stuck in processing"
@@ -52,10 +52,11 @@ def ago(minutes: int) -> str:
 
 
 @pytest.fixture
-async def jobs_dsn(pg_dsn: str) -> str:
-    """A database with a standard jobs table holding a known mix of jobs."""
+async def jobs_dsn(pg_login_dsn: str) -> str:
+    """A database with a standard jobs table holding a known mix of jobs; its tests run twice, as the
+    trusted superuser and as the SCRAM role (whose password must get through)."""
     await run(
-        pg_dsn,
+        pg_login_dsn,
         JOBS_DDL,
         f"""insert into jobs values
             (1, 'pending', null, null),
@@ -69,7 +70,7 @@ async def jobs_dsn(pg_dsn: str) -> str:
             (9, 'processing', null, null),
             (10, 'processing', {ago(45)}, null)""",
     )
-    return pg_dsn
+    return pg_login_dsn
 
 
 # -- summary -----------------------------------------------------------------------------------------
@@ -176,17 +177,10 @@ async def test_an_id_that_does_not_fit_the_column_is_a_plain_error(jobs_dsn: str
     assert (await rows(jobs_dsn, "select status from jobs where id = 6")) == [{"status": "processing"}]
 
 
-async def wait_for_index_scans(dsn: str, index: str) -> int:
-    """Index scans counted on ``index``; statistics reach the shared view when a backend exits."""
-    deadline = time.monotonic() + 10
-    scans = 0
-    while time.monotonic() < deadline:
-        found = await rows(dsn, f"select idx_scan from pg_stat_user_indexes where indexrelname = '{index}'")
-        scans = int(found[0]["idx_scan"])
-        if scans:
-            return scans
-        await asyncio.sleep(0.1)
-    return scans
+async def index_scans(dsn: str, index: str) -> int:
+    """Index scans counted on ``index`` (statistics reach the shared view when a backend exits)."""
+    found = await rows(dsn, f"select idx_scan from pg_stat_user_indexes where indexrelname = '{index}'")
+    return int(found[0]["idx_scan"])
 
 
 @pytest.mark.parametrize("sql_type", ["bigint", "uuid"])
@@ -209,7 +203,7 @@ async def test_lookups_by_id_use_the_index_on_the_id_column(pg_dsn: str, sql_typ
     assert found is not None and found.id == wanted
 
     # Comparing the column as text would read all 20000 rows and never touch the index.
-    assert await wait_for_index_scans(pg_dsn, "jobs_pk") >= 1
+    await wait_until(lambda: index_scans(pg_dsn, "jobs_pk"), "the lookup is counted as a scan of the index jobs_pk")
 
 
 # -- timestamps --------------------------------------------------------------------------------------
@@ -435,6 +429,27 @@ async def test_an_unreachable_server_is_a_plain_sentence_without_the_password(
     assert caught.value.message.startswith("Cannot connect to the database of the jobs table `jobs`")
     assert PASSWORD not in caught.value.message and PASSWORD not in caplog.text
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+async def test_a_wrong_password_is_refused_in_a_plain_sentence_without_any_password(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    role = postgres_server.scram_role()
+    jobs_dsn = await postgres_server.database_with(
+        JOBS_DDL, f"insert into jobs values (6, 'processing', {ago(120)}, null)", scram=True
+    )
+    database = jobs_dsn.rsplit("/", 1)[1]
+    wrong = postgres_server.scram_dsn(database, password="not-" + role.password)
+    caplog.set_level(logging.DEBUG)
+
+    with pytest.raises(CommandError) as caught:
+        await JobsClient(wrong, JobsTable(), timeout=5.0, redactor=Redactor()).summary()
+
+    assert caught.value.message.startswith("Cannot connect to the database of the jobs table `jobs`: ")
+    assert caught.value.message.endswith(f'password authentication failed for user "{role.name}".')
+    assert not role.found_in(caught.value.message + repr(caught.value) + caplog.text)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert (await rows(jobs_dsn, "select status from jobs where id = 6")) == [{"status": "processing"}]
 
 
 @pytest.fixture

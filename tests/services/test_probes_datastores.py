@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import sqlite3
 import time
@@ -32,6 +33,7 @@ from services.probes.redis import RedisProbe
 from services.probes.sqlite import SqliteProbe
 from services.redaction import Redactor
 from tests.fixtures.servers import PostgresServer, free_port
+from tests.fixtures.wait import wait_until
 
 PASSWORD = "Tr0ub4dor-and-3"
 
@@ -44,8 +46,8 @@ def everything_said(result: Any) -> str:
 # --- PostgreSQL ---------------------------------------------------------------------------------
 
 
-async def test_postgres_healthy_reports_version_size_and_connections(pg_dsn: str) -> None:
-    component = PostgresComponent(type="postgres", dsn=pg_dsn)
+async def test_postgres_healthy_reports_version_size_and_connections(pg_login_dsn: str) -> None:
+    component = PostgresComponent(type="postgres", dsn=pg_login_dsn)
 
     result = await PostgresProbe().probe(component)
 
@@ -56,7 +58,7 @@ async def test_postgres_healthy_reports_version_size_and_connections(pg_dsn: str
     assert connections.endswith(("connection", "connections"))
     assert result.facts["connections"] >= 1  # type: ignore[operator]
     assert result.facts["size_bytes"] > 1_000_000  # type: ignore[operator]
-    assert result.facts["database"] == pg_dsn.rsplit("/", 1)[1]
+    assert result.facts["database"] == pg_login_dsn.rsplit("/", 1)[1]
     assert result.facts["max_connections"] == 200
 
 
@@ -71,6 +73,33 @@ async def test_postgres_unknown_user_is_critical_and_never_shows_the_password(
     assert result.status == Status.CRITICAL
     assert result.detail == 'cannot log in: role "ghost" does not exist'
     assert PASSWORD not in everything_said(result)
+
+
+@pytest.mark.parametrize("in_query", [False, True], ids=["user-password", "query-password"])
+async def test_postgres_wrong_password_is_a_login_problem_that_never_shows_a_password(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture, in_query: bool
+) -> None:
+    role = postgres_server.scram_role()
+    database = (await postgres_server.database_with(scram=True)).rsplit("/", 1)[1]
+    right_dsn = postgres_server.scram_dsn(database, in_query=in_query)
+    wrong_dsn = postgres_server.scram_dsn(database, password="not-" + role.password, in_query=in_query)
+    caplog.set_level(logging.DEBUG)
+
+    right = await PostgresProbe().probe(PostgresComponent(type="postgres", dsn=right_dsn))
+    # No redaction from check_health: the probe's own words must already be clean.
+    report = await check_health(
+        [Target("shop", "db", PostgresComponent(type="postgres", dsn=wrong_dsn))],
+        lambda _: PostgresProbe(),
+        deadline=10,
+        redactor=Redactor(),
+    )
+
+    refused = report.items[0].result
+    assert right.status == Status.HEALTHY, right.detail  # the same DSN with its own password gets in
+    assert refused.status == Status.CRITICAL
+    assert refused.detail == f'cannot log in: password authentication failed for user "{role.name}"'
+    said = everything_said(right) + everything_said(report) + caplog.text
+    assert not role.found_in(said)  # neither the right password nor the wrong one (it contains it)
 
 
 async def test_postgres_missing_database_is_named(postgres_server: PostgresServer) -> None:
@@ -217,6 +246,15 @@ async def test_mongodb_without_collections_still_pings(mongo_uri: str) -> None:
     assert result.detail.endswith(" · ping ok")
 
 
+def pymongo_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks of the PyMongo driver that have not finished yet."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and "/pymongo/" in getattr(getattr(task.get_coro(), "cr_code", None), "co_filename", "")
+    ]
+
+
 # PyMongo leaks the socket of a connect attempt its monitor was making when the client closed
 # (the CancelledError skips the driver's sock.close(); PYTHON-3923). The fd is freed by the GC;
 # collect it here, where that ResourceWarning is expected, rather than in a later test.
@@ -235,7 +273,7 @@ async def test_mongodb_refused_is_critical_within_its_timeout() -> None:
     assert result.detail == "connection refused"
     assert PASSWORD not in everything_said(result)
     assert time.perf_counter() - started < 2.0
-    await asyncio.sleep(0.1)  # let the cancelled monitor task finish
+    await wait_until(lambda: not pymongo_tasks(), "PyMongo's cancelled monitor tasks finish")
     gc.collect()
 
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 from pymongo import AsyncMongoClient
 
@@ -21,6 +23,7 @@ from services.redaction import Redactor
 from services.state import BackupState, StateStore, open_state_store
 from tests.fixtures.aws import FAKE_SECRET_ACCESS_KEY
 from tests.fixtures.cloudsql import FakeCloudSql, start_fake
+from tests.fixtures.servers import PG_BIN, PostgresServer, run_sql
 
 
 def make_inventory(text: str) -> Inventory:
@@ -136,6 +139,69 @@ services:
     finally:
         await client.drop_database(database)
         await client.close()
+
+
+async def orders(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return int(await conn.fetchval("select count(*) from orders"))
+    finally:
+        await conn.close()
+
+
+async def test_postgres_as_a_password_only_role_round_trips_and_never_shows_its_password(
+    store: StateStore, tmp_path: Path, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pg_dump and pg_restore get in as the SCRAM role with the inventory's password; a rotated
+    password fails in words the bot can show, and no password is in any of them."""
+    role = postgres_server.scram_role()
+    dsn = await postgres_server.database_with(
+        "create table orders (id bigint primary key, item text not null)",
+        "insert into orders select n, 'item ' || n from generate_series(1, 2000) as n",
+        scram=True,
+    )
+    rotated = postgres_server.scram_dsn(dsn.rsplit("/", 1)[1], password="not-" + role.password)
+    inventory = parse_inventory(
+        f"""
+backups:
+  pg_bin: "{PG_BIN}"
+  destinations: {{local: {{type: directory, path: "{tmp_path / "b"}"}}}}
+services:
+  shop:
+    components:
+      db: {{type: postgres, dsn: "${{SHOP_DB}}"}}
+      old: {{type: postgres, dsn: "${{OLD_DB}}"}}
+""",
+        "test",
+        env={"SHOP_DB": dsn, "OLD_DB": rotated},
+    ).inventory
+    caplog.set_level(logging.DEBUG)
+    runner = runner_for(store, inventory, tmp_path)
+    try:
+        described = runner.describe(inventory.services["shop"].components["db"])
+        record = await runner.backup("shop", "db", trigger="manual", requested_by="U1")
+        check = await runner.verify(record.id)
+        await run_sql(dsn, "delete from orders where id > 10")
+        restored = await runner.restore(record)
+        with pytest.raises(BackupError) as refused:
+            await runner.backup("shop", "old", trigger="manual", requested_by="U1")
+        [failed] = await store.list_backups(service="shop", component="old")
+    finally:
+        await runner.close()
+
+    assert check.ok, check.summary
+    assert restored.startswith("restored 1 table into PostgreSQL database t_")
+    assert await orders(dsn) == 2000  # the rows deleted after the backup are back
+    problem = (
+        f'pg_dump failed: connection to server at "{postgres_server.host}", port {postgres_server.port} failed: '
+        f'FATAL:  password authentication failed for user "{role.name}"'
+    )
+    assert refused.value.message == problem
+    assert failed.state is BackupState.FAILED and failed.error == problem
+    manifest = (tmp_path / "b" / f"{record.key}.manifest.json").read_text()
+    said = [described, repr(record), repr(check), restored, refused.value.message, repr(failed), manifest, caplog.text]
+    assert not [text for text in said if role.found_in(text)]
+    assert "backup_finished" in caplog.text and "backup_failed" in caplog.text  # the logs were captured
 
 
 async def test_a_corrupted_object_fails_verification_and_is_never_restored(store: StateStore, tmp_path: Path) -> None:

@@ -7,16 +7,19 @@ import asyncio
 import contextlib
 import gc
 import io
+import json
+import logging
 import os
 import random
 import re
 import sqlite3
+import sys
 import tarfile
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,10 +38,9 @@ from services.backup.postgres import PostgresSource
 from services.backup.sqlite import SqliteSource
 from services.redaction import Redactor
 from tests.fixtures.servers import PG_BIN, PostgresServer, free_port
-from tests.fixtures.servers import run_sql as execute
+from tests.fixtures.wait import wait_until
 
 PASSWORD = "Kn0ck-kn0ck-wh0s-there"
-ROLE = "opsbot_backup_tester"
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -85,14 +87,6 @@ def proc_file(pid: int, name: str) -> bytes:
         return (Path("/proc") / str(pid) / name).read_bytes()
     except FileNotFoundError:
         return b""
-
-
-async def eventually(condition: Callable[[], bool], seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the condition did not become true in time")
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -230,11 +224,17 @@ ITEMS_DIGEST = (
 
 @dataclass(frozen=True)
 class PgArtifact:
+    server: PostgresServer
+    scram: bool  # dumped (and restored) as the SCRAM role, whose password must reach pg_dump
     dsn: str
     data: bytes
     chunks: list[int]
     stats: dict[str, Any]
     tools: dict[str, str]
+
+    async def new_database(self, *statements: str) -> str:
+        """A fresh database for the same login as the artifact's (owned by it), after ``statements``."""
+        return await self.server.database_with(*statements, scram=self.scram)
 
 
 def pg_source(dsn: str, **options: Any) -> PostgresSource:
@@ -244,27 +244,27 @@ def pg_source(dsn: str, **options: Any) -> PostgresSource:
     return PostgresSource(dsn, **options)
 
 
-@pytest.fixture(scope="module")
-async def pg_artifact(postgres_server: PostgresServer) -> PgArtifact:
-    """A database with a 50k-row table (bytea included) and its dump, made once for the module."""
-    dsn = postgres_server.dsn(await postgres_server.create_database())
-    await execute(
-        dsn,
+@pytest.fixture(scope="module", params=["trust", "scram"], ids=["trusted-superuser", "scram-role"])
+async def pg_artifact(request: pytest.FixtureRequest, postgres_server: PostgresServer) -> PgArtifact:
+    """A database with a 50k-row table (bytea included) and its dump, made once for the module for
+    each login: the trusted superuser, and the SCRAM role (its tests prove the password got through)."""
+    scram = request.param == "scram"
+    dsn = await postgres_server.database_with(
         "create table items (id integer primary key, name text not null, payload bytea)",
         "insert into items select g, 'item ' || g || E'\\t€', decode(md5(g::text), 'hex') || '\\x00ff'::bytea "
         "from generate_series(1, 50000) g",
         "create index items_name on items (name)",
         "create table notes (id serial primary key, body text)",
         "insert into notes (body) values ('line one\nline two'), ('quote '' and backslash \\'), (null)",
+        scram=scram,
     )
     source = pg_source(dsn)
     chunks = await collect(source.dump())
-    return PgArtifact(dsn, b"".join(chunks), [len(c) for c in chunks], source.info.stats, source.info.tools)
+    data = b"".join(chunks)
+    return PgArtifact(postgres_server, scram, dsn, data, [len(c) for c in chunks], source.info.stats, source.info.tools)
 
 
-async def test_postgres_dump_restores_into_a_new_database_with_the_same_rows(
-    pg_artifact: PgArtifact, postgres_server: PostgresServer
-) -> None:
+async def test_postgres_dump_restores_into_a_new_database_with_the_same_rows(pg_artifact: PgArtifact) -> None:
     assert pg_artifact.data.startswith(b"PGDMP")
     assert len(pg_artifact.chunks) > 2 and max(pg_artifact.chunks) <= CHUNK
     assert re.fullmatch(r"\d+\.\d+", pg_artifact.tools["pg_dump"])
@@ -273,7 +273,7 @@ async def test_postgres_dump_restores_into_a_new_database_with_the_same_rows(
     assert pg_artifact.stats["tables"] == 2 and pg_artifact.stats["table_data"] == 2
     assert pg_artifact.stats["entries"] >= 6  # 2 tables, 2 data, sequence, pkeys, index...
 
-    target = postgres_server.dsn(await postgres_server.create_database())
+    target = await pg_artifact.new_database()
     summary = await pg_source(target).restore(feed(pg_artifact.data))
 
     assert summary.startswith("restored 2 tables into PostgreSQL database t_")
@@ -307,12 +307,8 @@ async def test_postgres_check_reads_the_whole_archive(pg_artifact: PgArtifact) -
     assert children("pg_restore") == []
 
 
-async def test_postgres_restore_failing_half_way_leaves_the_target_as_it_was(
-    pg_artifact: PgArtifact, postgres_server: PostgresServer
-) -> None:
-    target = postgres_server.dsn(await postgres_server.create_database())
-    await execute(
-        target,
+async def test_postgres_restore_failing_half_way_leaves_the_target_as_it_was(pg_artifact: PgArtifact) -> None:
+    target = await pg_artifact.new_database(
         "create table items (id integer primary key, name text not null, payload bytea)",
         "insert into items values (1, 'old one', null), (2, 'old two', '\\x01')",
         "create table keep (x integer)",
@@ -335,37 +331,113 @@ async def test_postgres_restore_failing_half_way_leaves_the_target_as_it_was(
     assert children("pg_restore") == []
 
 
-async def password_role(postgres_server: PostgresServer, database: str, *, in_query: bool) -> str:
-    """A DSN for a role with a password (the test cluster trusts everyone, so any password works)."""
-    admin = postgres_server.dsn()
-    exists = await fetch(admin, f"select 1 from pg_roles where rolname = '{ROLE}'")
-    if not exists:
-        await execute(admin, f"create role {ROLE} login superuser password '{PASSWORD}'")
-    where = f"{postgres_server.host}:{postgres_server.port}/{database}"
-    if in_query:
-        return f"postgresql://{ROLE}@{where}?password={PASSWORD}&application_name=opsbot-test"
-    return f"postgresql://{ROLE}:{PASSWORD}@{where}"
+def scram_dsn(artifact: PgArtifact, *, in_query: bool = False, password: str | None = None) -> str:
+    """The SCRAM role's DSN for the artifact's database (with its own password unless one is given)."""
+    dsn = artifact.server.scram_dsn(artifact.dsn.rsplit("/", 1)[1], password=password, in_query=in_query)
+    return dsn + "&application_name=opsbot-test" if in_query else dsn  # other parameters stay in --dbname
 
 
+@pytest.mark.parametrize("pg_artifact", ["scram"], indirect=True)
 @pytest.mark.parametrize("in_query", [False, True], ids=["user-password", "query-password"])
 async def test_postgres_password_is_never_on_pg_dumps_command_line(
-    pg_artifact: PgArtifact, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch, in_query: bool
+    pg_artifact: PgArtifact, monkeypatch: pytest.MonkeyPatch, in_query: bool
 ) -> None:
     monkeypatch.setenv("OPSBOT_SLACK_BOT_TOKEN", "xoxb-not-for-pg-dump")
-    dsn = await password_role(postgres_server, pg_artifact.dsn.rsplit("/", 1)[1], in_query=in_query)
-    stream = pg_source(dsn).dump()
+    role = pg_artifact.server.scram_role()
+    stream = pg_source(scram_dsn(pg_artifact, in_query=in_query)).dump()
 
-    await anext(stream)  # pg_dump is running now, blocked on a full pipe
+    await anext(stream)  # pg_dump is running now (so it logged in), blocked on a full pipe
     (pid,) = children("pg_dump")
     cmdline = proc_file(pid, "cmdline")
     environ = proc_file(pid, "environ").split(b"\0")
     await stream.aclose()
 
-    assert PASSWORD.encode() not in cmdline
-    assert f"--dbname=postgresql://{ROLE}@{postgres_server.host}:{postgres_server.port}/".encode() in cmdline
-    assert f"PGPASSWORD={PASSWORD}".encode() in environ  # readable only by the bot's own user
+    assert not role.found_in(cmdline)
+    server = pg_artifact.server
+    assert f"--dbname=postgresql://{role.name}@{server.host}:{server.port}/".encode() in cmdline
+    assert in_query == (b"application_name=opsbot-test" in cmdline)
+    assert f"PGPASSWORD={role.password}".encode() in environ  # unquoted; readable only by the bot's own user
     assert not [line for line in environ if line.startswith(b"OPSBOT_SLACK")]
     assert proc_file(pid, "cmdline") == b""  # killed and reaped
+    assert children("pg_dump", "pg_restore") == []
+
+
+@dataclass(frozen=True)
+class Call:
+    """One run of pg_dump or pg_restore as the wrapper in front of it saw it."""
+
+    argv: list[str]
+    env_keys: list[str]
+
+    @property
+    def connects(self) -> bool:
+        return any(arg.startswith("--dbname=") for arg in self.argv)
+
+
+class RecordingPgBin:
+    """A pg_bin directory whose pg_dump and pg_restore write down their argv and the *names* of their
+    environment variables (never values: the password is one), then exec the real program."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "pg_bin"
+        self.calls_dir = root / "calls"
+        self.dir.mkdir()
+        self.calls_dir.mkdir()
+        for name in ("pg_dump", "pg_restore"):
+            wrapper = self.dir / name
+            wrapper.write_text(
+                f"#!{sys.executable}\n"
+                "import json, os, sys\n"
+                f"with open(os.path.join({str(self.calls_dir)!r}, str(os.getpid())), 'w') as out:\n"
+                "    json.dump({'argv': sys.argv, 'env_keys': sorted(os.environ)}, out)\n"
+                f"os.execv({str(PG_BIN / name)!r}, [{str(PG_BIN / name)!r}, *sys.argv[1:]])\n"
+            )
+            wrapper.chmod(0o755)
+
+    def calls(self) -> list[Call]:
+        found = [json.loads(path.read_text()) for path in sorted(self.calls_dir.iterdir())]
+        return [Call(call["argv"], call["env_keys"]) for call in found]
+
+
+@pytest.mark.parametrize("pg_artifact", ["scram"], indirect=True)
+async def test_postgres_password_reaches_every_child_only_through_its_environment(
+    pg_artifact: PgArtifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dump, check and restore as the SCRAM role, through wrappers that record each child's argv."""
+    monkeypatch.setenv("OPSBOT_SLACK_BOT_TOKEN", "xoxb-not-for-pg-tools")
+    caplog.set_level(logging.DEBUG)
+    role = pg_artifact.server.scram_role()
+    pg_bin = RecordingPgBin(tmp_path)
+    target = await pg_artifact.new_database()
+
+    source = pg_source(scram_dsn(pg_artifact), pg_bin=str(pg_bin.dir))
+    data = b"".join(await collect(source.dump()))
+    checked = await source.check(feed(data), source.info.stats)
+    restored = await pg_source(target, pg_bin=str(pg_bin.dir)).restore(feed(data))
+    wrong = pg_source(scram_dsn(pg_artifact, password="not-" + role.password), pg_bin=str(pg_bin.dir))
+    with pytest.raises(BackupError) as refused:
+        await collect(wrong.dump())
+
+    assert "2 tables, 2 with data" in checked and restored.startswith("restored 2 tables into ")
+    assert await fetch(target, ITEMS_DIGEST) == await fetch(pg_artifact.dsn, ITEMS_DIGEST)  # the password got in
+    calls = pg_bin.calls()
+    programs = sorted(f"{Path(call.argv[0]).name} {call.argv[1]}" for call in calls)
+    assert programs == sorted([
+        "pg_dump --version", "pg_dump --format=custom", "pg_restore --list",  # dump
+        "pg_restore --file=/dev/null", "pg_restore --list",  # check
+        "pg_restore --clean", "pg_restore --list",  # restore
+        "pg_dump --version", "pg_dump --format=custom", "pg_restore --list",  # dump with the wrong password
+    ])  # fmt: skip
+    for call in calls:
+        assert not role.found_in("\0".join(call.argv)), call.argv
+        assert not [key for key in call.env_keys if key.startswith("OPSBOT_")], call.env_keys
+    assert sum(call.connects for call in calls) == 3  # the two dumps and the restore
+    assert all("PGPASSWORD" in call.env_keys for call in calls if call.connects)
+    assert refused.value.message == (
+        f'pg_dump failed: connection to server at "{pg_artifact.server.host}", port {pg_artifact.server.port} '
+        f'failed: FATAL:  password authentication failed for user "{role.name}"'
+    )
+    assert not role.found_in(str(refused.value) + repr(refused.value) + caplog.text)
     assert children("pg_dump", "pg_restore") == []
 
 
@@ -389,7 +461,7 @@ async def test_postgres_dump_cancelled_while_pg_dump_waits_leaves_no_process(pg_
 
     async with table_locked(pg_artifact.dsn):
         task = asyncio.create_task(consume())
-        await eventually(lambda: bool(children("pg_dump")))
+        await wait_until(lambda: children("pg_dump"), "pg_dump starts")
         assert len(children("pg_dump")) == 1 and not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -545,6 +617,15 @@ async def test_mongodb_cancelled_dump_removes_its_temporary_files(
     assert leftovers(private_tmp) == []
 
 
+def pymongo_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks of the PyMongo driver that have not finished yet."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and "/pymongo/" in getattr(getattr(task.get_coro(), "cr_code", None), "co_filename", "")
+    ]
+
+
 # PyMongo leaks the socket of the connect attempt its monitor was making when the client closed
 # (PYTHON-3923, see tests/services/test_probes_datastores.py): collect it here, where it is expected.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -557,9 +638,8 @@ async def test_mongodb_unreachable_fails_without_the_password(private_tmp: Path)
         await collect(source.dump())
     assert PASSWORD not in str(raised.value)
     assert leftovers(private_tmp) == []
-    for _ in range(5):  # let the cancelled monitor task finish, and free its socket here
-        await asyncio.sleep(0.1)
-        gc.collect()
+    await wait_until(lambda: not pymongo_tasks(), "PyMongo's cancelled monitor tasks finish")
+    gc.collect()  # free the leaked socket here, where its warning is expected
 
 
 # --- SQLite ----------------------------------------------------------------------------------------
@@ -622,10 +702,10 @@ async def test_sqlite_dump_is_consistent_while_the_app_writes(tmp_path: Path, pr
     source = SqliteSource(db, timeout=5)
 
     with LedgerWriter(db) as writer:
-        await eventually(lambda: writer.commits >= 50)
+        await wait_until(lambda: writer.commits >= 50, "the app commits 50 times")
         data = b"".join(await collect(source.dump()))
         during = writer.commits
-        await eventually(lambda: writer.commits > during)
+        await wait_until(lambda: writer.commits > during, "the app commits again after the dump")
     copy = tmp_path / "copy.db"
     copy.write_bytes(data)
 
