@@ -3,14 +3,17 @@
 No mongodump on the bot's host is needed, and the result still restores with mongorestore:
 ``<database>/<collection>.bson`` holds the documents' raw BSON back to back (RawBSONDocument, so
 nothing is decoded and re-encoded) and ``<database>/<collection>.metadata.json`` the options and
-indexes in extended JSON. A tar header needs the member's size first, so each collection is
-spooled to a private temporary file (disk, not memory), then streamed. Like mongodump without
---oplog, each collection is read as it is at the time; collections are not one snapshot together.
+indexes as mongodump writes them: canonical extended JSON, keys in the server's order, read back at
+dump time to the same BSON bytes or the dump fails (mongodump checks the same). A tar header needs
+the member's size first, so each collection is spooled to a private temporary file (disk, not
+memory), then streamed. Like mongodump without --oplog, each collection is read as it is at the
+time; collections are not one snapshot together.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import tarfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
@@ -21,6 +24,7 @@ from typing import IO, Any, BinaryIO, TypeVar, cast
 import bson
 import pymongo
 from bson import json_util
+from bson.binary import UUID_SUBTYPE, Binary
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.raw_bson import RawBSONDocument
 from bson.son import SON
@@ -38,6 +42,12 @@ from services.redaction import Redactor
 T = TypeVar("T")
 
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+# Options and indexes stay raw too (no DBRef made of a {"$ref": ...} filter, nothing reordered);
+# values read from them for the JSON may be dates outside Python's range.
+_META: CodecOptions[RawBSONDocument] = CodecOptions(
+    document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
+_JSON_IN = json_util.JSONOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 # A check decodes every document fully; dates outside Python's range must not count as damage.
 _FULL: CodecOptions[dict[str, Any]] = CodecOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _BATCH_BYTES = 4 * CHUNK  # raw BSON per insert_many during a restore
@@ -77,15 +87,53 @@ def _hosts(uri: str) -> str:
     return authority.rpartition("@")[2] or "localhost"
 
 
-def _metadata(name: str, options: Mapping[str, Any], indexes: list[Any]) -> bytes:
-    document = {
-        "options": dict(options),
-        "indexes": indexes,
-        "uuid": "",
-        "collectionName": name,
-        "type": "collection",
-    }
-    return json_util.dumps(document, json_options=json_util.CANONICAL_JSON_OPTIONS).encode()
+def _json_object(document: dict[str, Any]) -> Any:
+    """One JSON object of a metadata file as its BSON value.
+
+    json_util alone would change two kinds of plain documents: ``{"$regex": "…"}`` (the query
+    operator, in a validator say) into a regular expression, which canonical extended JSON writes
+    as ``$regularExpression``; and ``{"$ref": …, "$id": …}`` into a DBRef, re-encoded with its keys
+    in DBRef's order. Canonical extended JSON has neither, so both stay documents as written.
+    """
+    if isinstance(document.get("$regex"), str) or "$ref" in document:
+        return document
+    if isinstance(pointer := document.get("$dbPointer"), dict):  # mongodump writes its DBRef inside
+        document["$dbPointer"] = json_util.object_hook(pointer, _JSON_IN)
+    return json_util.object_hook(document, _JSON_IN)
+
+
+def _parse_metadata(data: bytes | str) -> Any:
+    """A ``.metadata.json`` file as written by :func:`_metadata` (or mongodump)."""
+    return json.loads(data, object_hook=_json_object)
+
+
+def _metadata(name: str, listed: Mapping[str, Any] | None, indexes: Sequence[RawBSONDocument]) -> bytes:
+    """mongodump's ``<collection>.metadata.json`` from listCollections' entry and listIndexes' specs.
+
+    Keys and their order as mongodump writes them (empty options and a missing UUID left out),
+    compact canonical extended JSON. Raises BackupError if the JSON does not read back to the
+    same BSON bytes, as mongodump refuses to write it then.
+    """
+    document: dict[str, Any] = {}
+    listed = listed or {}
+    if options := listed.get("options"):
+        document["options"] = options
+    document["indexes"] = list(indexes)
+    uuid = (listed.get("info") or {}).get("uuid")
+    if isinstance(uuid, Binary) and uuid.subtype == UUID_SUBTYPE:
+        document["uuid"] = uuid.hex()
+    document["collectionName"] = name
+    document["type"] = listed.get("type") or "collection"
+    text = json_util.dumps(
+        document, json_options=json_util.CANONICAL_JSON_OPTIONS, separators=(",", ":"), ensure_ascii=False
+    )
+    if bson.encode(_parse_metadata(text)) != bson.encode(document):
+        raise BackupError(
+            f"cannot write the options and indexes of MongoDB collection {name} as extended JSON without "
+            "changing them (deprecated BSON types such as symbol, undefined and DBPointer have no exact form; "
+            "mongodump refuses them too)"
+        )
+    return text.encode()
 
 
 @dataclass
@@ -126,7 +174,7 @@ def _restore_events(source: BinaryIO) -> Iterator[_Event]:
         if suffix == _METADATA:
             if member.size > _METADATA_LIMIT:
                 raise ValueError(f"{member.name} is too big for a metadata file")
-            yield _Event(collection, metadata=json_util.loads(data.read()))
+            yield _Event(collection, metadata=_parse_metadata(data.read()))
             continue
         batch: list[RawBSONDocument] = []
         size = 0
@@ -145,7 +193,7 @@ def _survey(source: BinaryIO) -> tuple[dict[str, int], set[str]]:
     described: set[str] = set()
     for member, collection, suffix, data in _archive_files(source):
         if suffix == _METADATA:
-            document = json_util.loads(data.read(_METADATA_LIMIT))
+            document = _parse_metadata(data.read(_METADATA_LIMIT))
             if not isinstance(document, dict) or not isinstance(document.get("indexes", []), list):
                 raise ValueError(f"{member.name} is not collection metadata")
             described.add(collection)
@@ -214,7 +262,7 @@ class MongoSource:
     async def _names(self, database: AsyncDatabase[dict[str, Any]]) -> list[str]:
         """Collections to dump: the configured ones, else every plain collection but system.*."""
         found: dict[str, str] = {}
-        async for entry in await database.list_collections():
+        for entry in await _listed(database):
             found[str(entry["name"])] = str(entry.get("type", "collection"))
         if self._collections is not None:
             missing = [name for name in self._collections if name not in found]
@@ -245,11 +293,15 @@ class MongoSource:
         return count
 
     async def _describe_collection(self, database: AsyncDatabase[dict[str, Any]], name: str) -> bytes:
-        options: Mapping[str, Any] = {}
-        async for entry in await database.list_collections(filter={"name": name}):
-            options = entry.get("options", {})
-        indexes = [SON(index) async for index in await database[name].list_indexes()]
-        return _metadata(name, options, indexes)
+        """The collection's metadata file, from listCollections and listIndexes read as raw BSON."""
+        entries = await _listed(database, name)
+        try:
+            indexes = await _raw_cursor(database, SON([("listIndexes", name), ("cursor", {})]))
+        except OperationFailure as exc:
+            if exc.code != 26:  # NamespaceNotFound: dropped since it was listed; mongodump goes on too
+                raise
+            indexes = []
+        return _metadata(name, entries[0] if entries else None, indexes)
 
     async def dump(self) -> AsyncIterator[bytes]:
         """The tar stream, one collection after the other; metadata before documents."""
@@ -364,6 +416,25 @@ class MongoSource:
         # Raised outside the except block, so the driver's exception is not kept as its context:
         # its frames can hold the socket of a connect attempt PyMongo never closed (PYTHON-3923).
         raise BackupError(f"{doing}{where}: {problem}")
+
+
+async def _raw_cursor(database: AsyncDatabase[dict[str, Any]], command: SON[str, Any]) -> list[RawBSONDocument]:
+    """Every document of a command's cursor, undecoded.
+
+    list_collections() and list_indexes() decode fully (a validator's date outside Python's range
+    fails them, a {"$ref": ...} filter becomes a DBRef); the first batch decodes with the command's
+    codec options and a getMore with the database's, hence both.
+    """
+    raw = database.with_options(codec_options=_META)
+    return await (await raw.cursor_command(command, codec_options=_META)).to_list()
+
+
+async def _listed(database: AsyncDatabase[dict[str, Any]], name: str | None = None) -> list[RawBSONDocument]:
+    """listCollections' entries (of collection ``name`` only, if given)."""
+    command = SON([("listCollections", 1), ("cursor", {})])
+    if name is not None:
+        command["filter"] = {"name": name}
+    return await _raw_cursor(database, command)
 
 
 def _index_spec(spec: Mapping[str, Any]) -> SON[str, Any]:
