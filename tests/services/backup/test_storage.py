@@ -28,6 +28,7 @@ from services.backup.directory import LocalDirectory
 from services.backup.s3 import S3Destination
 from tests.fixtures.aws import FAKE_SECRET_ACCESS_KEY, aws_client
 from tests.fixtures.servers import free_port
+from tests.fixtures.wait import wait_until
 
 MiB = 1 << 20
 PART = 5 * MiB  # S3's smallest part: objects of 12 MiB take several
@@ -287,10 +288,12 @@ def in_progress(dest: Destination) -> bool:
 async def test_cancelled_while_compressing_leaves_nothing(destination: Destination) -> None:
     source = Source(256 * MiB)
     task = asyncio.create_task(destination.write(KEY + ".gz", compress(source.stream(), "gzip")))
-    deadline = time.monotonic() + 20
-    while not await asyncio.to_thread(in_progress, destination):  # S3: the first part is out
-        assert time.monotonic() < deadline and not task.done()
-        await asyncio.sleep(0.05)
+
+    async def writing() -> bool:  # S3: the first part is out
+        assert not task.done()
+        return await asyncio.to_thread(in_progress, destination)
+
+    await wait_until(writing, "the write is in progress", timeout=20)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -21,6 +21,7 @@ from services.jobs import JobsClient
 from tests.fixtures.fake_docker import FakeDocker, fake_docker_fixture, process_gone  # noqa: F401
 from tests.fixtures.servers import free_port
 from tests.fixtures.servers import run_sql as run
+from tests.fixtures.wait import wait_until
 
 JOBS_DDL = """
 create table jobs (
@@ -323,11 +324,7 @@ async def test_a_cancelled_call_kills_docker(fake_docker: FakeDocker, project_di
 
 
 async def wait_until_gone(pid: int) -> None:
-    for _ in range(250):  # 5 s
-        if process_gone(pid):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"process {pid} still runs")
+    await wait_until(lambda: process_gone(pid), f"process {pid} ends", timeout=5)
 
 
 async def test_a_missing_docker_binary(project_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
