@@ -20,7 +20,6 @@ from tests.fixtures.wait import wait_until
 from tests.scenario.test_backups import make_db
 
 ROOT = Path(__file__).resolve().parents[2]
-PASSWORD = "Kill-Me-Not-pw-77"
 BIG_SQL = """
 CREATE TABLE big AS
 SELECT n, md5(n::text) || md5((n * 3)::text) || md5((n * 7)::text) AS pad FROM generate_series(1, 600000) n;
@@ -73,7 +72,7 @@ def cmdlines_of_children(pid: int) -> list[str]:
 
 
 async def test_opsbot_run_backs_up_and_exits_zero(tmp_path: Path, postgres_server: PostgresServer) -> None:
-    dsn = await make_db(postgres_server, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);", PASSWORD)
+    dsn = await make_db(postgres_server, "CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2);")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot.cli", "run", "backup shop db", env=env_for(tmp_path, dsn), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -81,7 +80,7 @@ async def test_opsbot_run_backs_up_and_exits_zero(tmp_path: Path, postgres_serve
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "Backup of shop" in out.decode() and "sha256" in out.decode()
-    assert PASSWORD not in out.decode() + err.decode()
+    assert not postgres_server.scram_role().found_in(out + err)
     [dump] = list((tmp_path / "backups" / "shop" / "db").glob("*.dump.gz"))
     assert dump.with_name(dump.name + ".manifest.json").is_file()
 
@@ -89,7 +88,7 @@ async def test_opsbot_run_backs_up_and_exits_zero(tmp_path: Path, postgres_serve
 async def test_a_backup_killed_half_way_leaves_nothing_that_looks_good(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
-    dsn = await make_db(postgres_server, BIG_SQL, PASSWORD)
+    dsn = await make_db(postgres_server, BIG_SQL)
     env = env_for(tmp_path, dsn)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot.cli", "run", "backup shop db", env=env, cwd=ROOT,
@@ -110,7 +109,7 @@ async def test_a_backup_killed_half_way_leaves_nothing_that_looks_good(
     finally:
         await proc.wait()
     assert argv, "pg_dump was never seen running"
-    assert all(PASSWORD not in line for line in argv)
+    assert not any(postgres_server.scram_role().found_in(line) for line in argv)
     leftovers = [p.name for p in target.iterdir()]
     assert all(".partial-" in name for name in leftovers)  # nothing under a final name, no manifest
     loaded = load_inventory(env["OPSBOT_CONFIG"], env=env)

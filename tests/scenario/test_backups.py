@@ -16,7 +16,7 @@ import pytest
 from handlers.approvals import APPROVE
 from services.inventory import Retention
 from services.state import ApprovalState, BackupRecord, BackupState
-from tests.fixtures.servers import PostgresServer
+from tests.fixtures.servers import PostgresServer, ScramRole
 from tests.fixtures.slack import Call, FakeSlack
 from tests.fixtures.wait import wait_until
 from tests.scenario.harness import Bot, inventory, running_bot
@@ -24,7 +24,6 @@ from tests.scenario.harness import Bot, inventory, running_bot
 OPERATOR = "U0OPER1"
 APPROVER = "U0APPR1"
 VIEWER = "U0VIEW1"
-PASSWORD = "s3cret-Backup-pw"  # the test cluster trusts everyone, so any password connects
 
 SHOP_SQL = """
 CREATE TABLE orders (id bigint PRIMARY KEY, item text NOT NULL, qty int NOT NULL);
@@ -53,9 +52,9 @@ services:
 """
 
 
-async def make_db(server: PostgresServer, sql: str, password: str = PASSWORD) -> str:
-    """A fresh database holding ``sql``; its DSN carries ``password`` (the test cluster trusts all)."""
-    return await server.database_with(sql, password=password)
+async def make_db(server: PostgresServer, sql: str) -> str:
+    """A fresh database holding ``sql``, owned by the SCRAM role: its DSN logs in with a real password."""
+    return await server.database_with(sql, scram=True)
 
 
 async def query(dsn: str, sql: str) -> object:
@@ -76,6 +75,7 @@ class Shop:
     slack: FakeSlack
     dsn: str
     backups: Path
+    role: ScramRole  # whose password is in dsn: it must never show
 
     async def backup(self, text: str = "backup shop db", user: str = OPERATOR) -> BackupRecord:
         """Run /ops backup and wait for the final edit of its live message; the newest record."""
@@ -116,7 +116,7 @@ async def open_shop(
     backups = tmp_path / "backups"
     loaded = inventory(shop_inventory(backups, extra_backups=extra_backups), env={"SHOP_DB": shop, "BLOG_DB": blog})
     async with running_bot(fake_slack, tmp_path, loaded) as bot:
-        yield Shop(bot, fake_slack, shop, backups)
+        yield Shop(bot, fake_slack, shop, backups, server.scram_role())
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ async def test_backup_posts_progress_then_the_result_and_catalogs_a_good_backup(
     [event] = await shop.events("backup")
     assert event.outcome == "ok" and record.id in event.detail  # type: ignore[attr-defined]
     for call in shop.slack.calls:
-        assert PASSWORD not in json.dumps(call.params)
+        assert not shop.role.found_in(json.dumps(call.params))
 
 
 async def test_list_shows_backups_newest_first_and_warns_when_overdue(shop: Shop) -> None:
@@ -199,7 +199,7 @@ async def test_restore_needs_approval_takes_a_safety_backup_and_brings_the_rows_
     posts = await shop.slack.wait_for("chat.postMessage", count=before + 1)
     plan = texts(posts[-1])
     assert f"Restore shop/db from backup `{record.id}`" in plan and "Overwrites: PostgreSQL database" in plan
-    assert "safety backup" in plan and PASSWORD not in plan
+    assert "safety backup" in plan and not shop.role.found_in(plan)
     approval_id = posts[-1].params["blocks"][-1]["elements"][0]["value"]
     assert await query(shop.dsn, "SELECT count(*) FROM orders") == 11  # nothing ran yet
     body = shop.slack.block_actions_body(
