@@ -13,6 +13,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from services.errors import OUTCOMES
 from services.health import Status
 
 # Commands range from a lookup to a backup of a large database.
@@ -32,7 +33,7 @@ class Metrics:
             GCCollector(registry=self.registry)
         self.commands_total = Counter(
             "opsbot_commands_total",
-            "Commands handled, by verb and outcome (ok, error, denied, approval, invalid...).",
+            f"Commands handled, by verb and outcome ({', '.join(OUTCOMES)}).",
             ["verb", "outcome"],
             registry=self.registry,
         )

@@ -179,6 +179,7 @@ async def backup_list(ctx: OpsContext, args: ListArgs) -> Reply:
     components = runner.components(service)
     if not components:
         raise CommandError(f"`{service}` has nothing opsbot backs up.")
+    await runner.sweep(service=service)  # a backup whose process died shows as failed, not running forever
     records = [r for r in await runner.listing(service, limit=100) if r.state is not BackupState.DELETED]
     managed: list[BackupRecord] = []
     for instance_runs in (await runner.cloudsql_runs(service)).values():
@@ -231,8 +232,11 @@ class VerifyArgs(CommandArgs):
 )
 async def backup_verify(ctx: OpsContext, args: VerifyArgs) -> Reply:
     runner = runner_of(ctx)
-    await ctx.tell(f":hourglass_flowing_sand: Re-reading backup `{args.backup_id}`…")
-    result = await runner.verify(args.backup_id)
+    found = await runner.get(args.backup_id)  # an unknown id is one refusal, with no progress line before it
+    if found.state is not BackupState.GOOD:
+        raise CommandError(f"Backup `{found.id}` is {found.state.value}, not good: there is nothing to verify.")
+    await ctx.tell(f":hourglass_flowing_sand: Re-reading backup `{found.id}`…")
+    result = await runner.verify(found.id)
     record = result.record
     if result.ok:
         text = f":white_check_mark: Backup `{record.id}` is good: {result.summary}"

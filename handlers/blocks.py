@@ -9,6 +9,7 @@ from typing import Any
 
 from handlers.context import Block, Reply
 from services.health import Status
+from services.text import escape as escape  # re-exported: handlers escape outside text with bk.escape
 
 MAX_BLOCKS = 50
 MAX_SECTION_TEXT = 3000
@@ -64,11 +65,6 @@ def sections(lines: Iterable[str], *, title: str | None = None) -> list[Block]:
     if current:
         blocks.append(section("\n".join(current)))
     return blocks
-
-
-def escape(text: str) -> str:
-    """Escape Slack's control characters in text that came from outside (targets, users)."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 @dataclass(frozen=True)

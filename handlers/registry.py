@@ -13,6 +13,7 @@ from handlers.context import OpsContext, Reply
 from services.access import Risk
 from services.approvals import Plan
 from services.errors import CommandError
+from services.text import escape
 
 MAX_TEXT = 500
 _SMART_QUOTES: dict[int, str] = {0x201C: '"', 0x201D: '"', 0x2018: "'", 0x2019: "'"}
@@ -83,12 +84,16 @@ class Registry:
         return None, list(tokens[1:])
 
 
+# Characters that reorder or hide what is shown (bidirectional overrides and isolates, DEL).
+_INVISIBLE = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\x7f")
+
+
 def tokenize(text: str) -> list[str]:
     """Split command text like a shell would, but never run one; reject what we will not read."""
     text = text.strip()
     if len(text) > MAX_TEXT:
         raise CommandError(f"That command is {len(text)} characters long; the limit is {MAX_TEXT}.")
-    if any(ord(ch) < 32 and ch not in "\t\n" for ch in text):
+    if any((ord(ch) < 32 and ch not in "\t\n") or ch in _INVISIBLE for ch in text):
         raise CommandError("The command contains control characters; please type it again.")
     # Slack may send smart quotes from some keyboards; treat them as plain quotes.
     text = text.translate(_SMART_QUOTES)
@@ -148,13 +153,19 @@ def parse_args(command: Subcommand, tokens: Sequence[str]) -> CommandArgs:
         label = field if field in model.positional else f"--{field.replace('_', '-')}"
         if error["type"] == "missing":
             raise CommandError(f"Missing `{label}`. {usage}") from None
+        if error["type"] == "string_pattern_mismatch":  # the pattern itself means nothing to a user
+            raise CommandError(
+                f"`{label}`: `{clip_token(str(error['input']))}` is not a valid {field.replace('_', ' ')}. {usage}"
+            ) from None
         message = str(error["msg"]).removeprefix("Value error, ")
         raise CommandError(f"`{label}`: {message[0].lower()}{message[1:]}. {usage}") from None
 
 
 def clip_token(text: str, limit: int = 40) -> str:
+    """User text to show inside a code span: shortened, backticks made quotes, and Slack's control
+    characters escaped (so ``<!channel>`` is shown, never acted on)."""
     text = text.replace("`", "'")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return escape(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 # The one registry the bot uses; command modules declare into it with ``@subcommand``.

@@ -22,13 +22,14 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
-from services.access import Risk, RoleResolver, describe
+from services.access import GroupLookupFailed, Risk, RoleResolver, describe
 from services.audit import record_event
 from services.errors import CommandError, PermissionDenied
 from services.inventory import ApprovalSettings, Role
 from services.locks import ServiceLocks
 from services.redaction import Redactor
 from services.state import Approval, ApprovalState, StateStore
+from services.text import escape
 
 log = structlog.get_logger(__name__)
 
@@ -280,7 +281,7 @@ class ApprovalEngine:
     async def get(self, approval_id: str) -> Approval:
         """The approval, or a clear refusal for an id that is malformed or unknown."""
         if not APPROVAL_ID.match(approval_id):
-            raise CommandError(f"`{approval_id[:20]}` is not an approval id (they look like `k3xm9q2p`).")
+            raise CommandError(f"`{escape(approval_id[:20])}` is not an approval id (they look like `k3xm9q2p`).")
         approval = await self.store.get_approval(approval_id)
         if approval is None:
             raise CommandError(f"There is no approval `{approval_id}`.")
@@ -291,7 +292,7 @@ class ApprovalEngine:
     async def approve(self, approval_id: str, user: str, *, request_id: str) -> Decision:
         """Count ``user``'s approval; the vote that completes it says to start the run."""
         approval = await self._checked(approval_id, user, request_id, "approve")
-        roles = await self.roles.roles_of(user, fresh=True)
+        roles = await self._clicker_roles(approval, user, request_id, "approve")
         needed = Role(approval.approver_role)
         if needed not in roles:
             await self._refuse(approval, user, request_id, "approve", "denied", "not an approver")
@@ -319,7 +320,7 @@ class ApprovalEngine:
     async def deny(self, approval_id: str, user: str, *, request_id: str) -> Decision:
         """An approver turns the request down."""
         approval = await self._checked(approval_id, user, request_id, "deny")
-        roles = await self.roles.roles_of(user, fresh=True)
+        roles = await self._clicker_roles(approval, user, request_id, "deny")
         needed = Role(approval.approver_role)
         if needed not in roles and user != approval.requester:
             await self._refuse(approval, user, request_id, "deny", "denied", "not an approver")
@@ -335,6 +336,15 @@ class ApprovalEngine:
                 f"Only {mention(approval.requester)}, who asked for it, can cancel this request.", outcome="refused"
             )
         return await self._decide(approval, S.CANCELLED, user, request_id, "cancelled", "Cancelled. Nothing will run.")
+
+    async def _clicker_roles(self, approval: Approval, user: str, request_id: str, verb: str) -> frozenset[Role]:
+        """The deciding user's roles, read afresh (user groups included); a group Slack could not
+        read refuses the decision, audited as an error."""
+        try:
+            return await self.roles.roles_of(user, fresh=True)
+        except GroupLookupFailed as exc:
+            await self._refuse(approval, user, request_id, verb, exc.outcome, exc.detail)
+            raise
 
     async def _checked(self, approval_id: str, user: str, request_id: str, verb: str) -> Approval:
         try:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Every outcome a command ends with, as audited and counted in opsbot_commands_total: done; waiting
+# for approval; refused for bad input; refused for a missing role; refused by a rule (channel,
+# self-approval); the service busy with another run; failed.
+OUTCOMES = ("ok", "pending", "rejected", "denied", "refused", "busy", "error")
+
 
 class CommandError(Exception):
     """An expected failure: its message is shown to the user as one plain sentence."""

@@ -17,3 +17,9 @@ def human_bytes(size: float) -> str:
 def human_duration(ms: float) -> str:
     """``2300`` → ``"2.3 s"``, ``45.2`` → ``"45 ms"``."""
     return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms"
+
+
+def escape(text: str) -> str:
+    """Escape Slack's control characters (``&``, ``<``, ``>``) in text that came from outside, so
+    ``<!channel>`` typed by a user is shown, never acted on."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -11,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bot.metrics import Metrics
 from bot.server import READY_TIMEOUT, Readiness, Runtime, build_web_app
+from services.errors import OUTCOMES
 
 
 @pytest.fixture
@@ -65,3 +68,16 @@ async def test_metrics_is_prometheus_text(client_for: object) -> None:
     body = await resp.text()
     assert 'opsbot_commands_total{outcome="ok",verb="health"} 1.0' in body
     assert 'opsbot_command_seconds_bucket{le="0.25",verb="health"} 1.0' in body
+
+
+def test_the_outcomes_metric_names_exactly_the_outcomes_commands_end_with() -> None:
+    """opsbot_commands_total's help lists OUTCOMES, and every outcome the code gives is one of them."""
+    metrics = Metrics(process_metrics=False)
+    [family] = [f for f in metrics.registry.collect() if f.name == "opsbot_commands"]
+    assert family.documentation.endswith(f"({', '.join(OUTCOMES)}).")
+    root = Path(__file__).resolve().parents[2]
+    given: set[str] = set()
+    for package in ("bot", "handlers", "services"):
+        for source in (root / package).rglob("*.py"):
+            given.update(re.findall(r'outcome\s*=\s*"([a-z_]+)"', source.read_text()))
+    assert given and given <= set(OUTCOMES), given - set(OUTCOMES)
