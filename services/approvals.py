@@ -411,7 +411,12 @@ class ApprovalEngine:
         """Run an approved plan once: lock the service, check the fingerprint, execute, record the end."""
         action = self.actions.get(approval.action)
         key = lock_key(approval.service)
-        holder = await self.locks.acquire(key, approval.id)
+        try:
+            holder = await self.locks.acquire(key, approval.id)
+        except CommandError as exc:  # the lock service is not answering: the run cannot start, and says so
+            return await self._finish(
+                approval, S.APPROVED, S.FAILED, request_id, f"Did not start: {exc.message}", changed
+            )
         if holder is not None:
             why = await self._busy(approval.service, holder)
             return await self._finish(approval, S.APPROVED, S.FAILED, request_id, f"Did not start: {why}", changed)

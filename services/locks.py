@@ -11,7 +11,10 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.errors import CommandError, StartupError
@@ -300,7 +303,15 @@ async def open_locks(redis_url: str | None, *, ttl: float = 30.0, timeout: float
         password = None
     redactor = Redactor([password] if password else [])
     try:
-        client = aioredis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = aioredis.from_url(
+            redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # Once, on a connection error only: a pooled connection gone stale when Redis restarted is
+            # reopened, while a call to a Redis that is down stays bounded by one timeout (redis-py's
+            # default is ten retries, on timeouts too, which would hold a click for a minute).
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1, supported_errors=(RedisConnectionError,)),
+        )
     except ValueError as exc:
         # The message may quote the URL, password and all: keep only the class.
         raise StartupError(f"The lock service's Redis URL is not valid ({type(exc).__name__}).") from None

@@ -22,9 +22,10 @@ from services.approvals import (
 )
 from services.errors import CommandError, PermissionDenied
 from services.inventory import ApprovalSettings, Role, Roles
-from services.locks import LocalLocks
+from services.locks import LocalLocks, open_locks
 from services.redaction import Redactor
 from services.state import ApprovalState, StateStore, open_state_store
+from tests.fixtures.servers import redis_process
 
 S = ApprovalState
 NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
@@ -150,6 +151,32 @@ async def test_approve_runs_the_action_once_and_records_the_result(store: StateS
     again = await engine.run(decision.approval, request_id="r3", progress=noop, changed=changed)
     assert again.state is S.SUCCEEDED and len(action.ran) == 1  # a second run call finds it claimed
     assert await engine.locks.holder("service:shop") is None  # the lock is released
+
+
+async def test_a_run_whose_lock_service_is_down_ends_failed_and_says_why(store: StateStore) -> None:
+    """Redis (the lock store) down when the last vote lands: the run cannot start, so the approval
+    ends failed with the reason, audited and shown, instead of staying approved with nothing to run it."""
+    engine, action = engine_for(store)
+    with redis_process() as url:  # up while the plan is requested and approved, down when the run starts
+        engine.locks = await open_locks(f"{url}/0", timeout=1)
+        approval = await engine.request(
+            plan(), risk=Risk.DESTRUCTIVE, requester="U0REQ", channel="C0OPS", request_id="r"
+        )
+        decision = await engine.approve(approval.id, "U0APP", request_id="r2")
+    try:
+        seen: list[ApprovalState] = []
+
+        async def changed(a: object) -> None:
+            seen.append(a.state)  # type: ignore[attr-defined]
+
+        final = await engine.run(decision.approval, request_id="r2", progress=noop, changed=changed)
+    finally:
+        await engine.locks.close()
+    assert final.state is S.FAILED
+    assert final.result == "Did not start: The lock service (Redis) is not answering, so nothing was started."
+    assert seen == [S.FAILED] and action.ran == []
+    [event] = [e for e in await store.audit_events() if e.command == "approval failed"]
+    assert event.outcome == "failed" and "not answering" in event.detail
 
 
 async def test_a_failing_action_ends_failed_with_a_plain_message(store: StateStore) -> None:

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from services.errors import CommandError, StartupError
 from services.locks import NOT_ANSWERING, LocalLocks, RedisLocks, ServiceLocks, open_locks
-from tests.fixtures.servers import free_port
+from tests.fixtures.servers import free_port, redis_process
 
 PREFIX = "opsbot:lock:"
 ReplicaFactory = Callable[..., RedisLocks]
@@ -249,3 +249,38 @@ async def test_a_lease_goes_to_one_caller_and_lapses_after_its_ttl(locks: Servic
     assert await locks.lease("alerts-round:2", "r1", 0.3)  # another round
     await asyncio.sleep(0.4)
     assert await locks.lease("alerts-round:1", "r2", 0.3)  # lapsed: free again
+
+
+async def test_redis_down_costs_one_timeout_and_the_first_call_after_it_is_back_succeeds() -> None:
+    """A Redis restart leaves the pool's connection stale: the next call reconnects once instead of
+    failing; while Redis is down a call fails within its timeout (no minute of retries)."""
+    with redis_process() as url:  # the server stops at the end of this block, the client's connection open
+        port = int(url.rsplit(":", 1)[1])
+        locks = await open_locks(f"{url}/0", timeout=1)
+        assert await locks.acquire("shop", "a") is None
+        assert await locks.release("shop", "a") is True
+    try:
+        started = time.monotonic()
+        with pytest.raises(CommandError, match="not answering"):
+            await locks.acquire("shop", "b")
+        assert time.monotonic() - started < 3
+        with redis_process(port):
+            assert await locks.acquire("shop", "c") is None  # not refused on the stale pooled connection
+            assert await locks.holder("shop") == "c"
+            assert await locks.release("shop", "c") is True
+    finally:
+        await locks.close()
+
+
+async def test_a_redis_restart_between_two_calls_does_not_refuse_the_next_one() -> None:
+    with redis_process() as url:
+        port = int(url.rsplit(":", 1)[1])
+        locks = await open_locks(f"{url}/0", timeout=1)
+        assert await locks.acquire("shop", "a") is None
+        assert await locks.release("shop", "a") is True
+    try:
+        with redis_process(port):  # back, while the client still holds its old connection
+            assert await locks.acquire("shop", "c") is None
+            assert await locks.release("shop", "c") is True
+    finally:
+        await locks.close()
