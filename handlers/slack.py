@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 import structlog
-from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltRequest, AsyncRespond
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext, AsyncBoltRequest, AsyncRespond
+from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -18,6 +19,7 @@ from handlers.context import Block, Deps, Reply
 from handlers.registry import CLICK_COMMANDS
 from handlers.router import Router, new_request_id
 from services.approvals import ApprovalEngine
+from services.audit import record_event
 from services.errors import CommandError
 from services.state import Approval, ApprovalState
 
@@ -27,6 +29,8 @@ ACK_HEADSTART = 0.015  # seconds; one Bolt ack poll (10 ms) plus a little
 
 # chat.postMessage errors after which the reply still reaches the user through response_url.
 _FALLBACK_ERRORS = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
+
+UNKNOWN_FORM = "opsbot has no form like this (it may be from another version of the bot), so nothing was done."
 
 
 async def group_members(client: AsyncWebClient, group_id: str) -> frozenset[str]:
@@ -186,20 +190,32 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
 
     @app.command("/ops")
     async def ops_command(
-        ack: AsyncAck, command: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond
+        ack: AsyncAck,
+        command: dict[str, Any],
+        client: AsyncWebClient,
+        respond: AsyncRespond,
+        context: AsyncBoltContext,
     ) -> None:
         await ack()  # Slack wants an answer within 3 s; everything slow happens after this.
+        request_id = context["request_id"] = new_request_id()  # on_error's ref, if this fails
         user = str(command.get("user_id", ""))
         channel_id = str(command.get("channel_id", ""))
-        await serve_command(deps, router, client, respond, user, channel_id, str(command.get("text", "")))
+        text = str(command.get("text", ""))
+        await serve_command(deps, router, client, respond, user, channel_id, text, request_id=request_id)
 
     @app.action(re.compile("^(" + "|".join(CLICK_COMMANDS) + ")$"))
     async def command_click(
-        ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], client: AsyncWebClient, respond: AsyncRespond
+        ack: AsyncAck,
+        body: dict[str, Any],
+        action: dict[str, Any],
+        client: AsyncWebClient,
+        respond: AsyncRespond,
+        context: AsyncBoltContext,
     ) -> None:
         """A click that asks for a command (a release picked from a menu, a roll-forward): it runs as if
         the clicker had typed it, with the same role checks, plan and approval."""
         await ack()
+        request_id = context["request_id"] = new_request_id()
         user = str((body.get("user") or {}).get("id", ""))
         where = body.get("channel") or {}
         channel_id = str(where.get("id") or (body.get("container") or {}).get("channel_id", ""))
@@ -208,28 +224,44 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
         except CommandError as exc:
             await respond(text=deps.redactor.redact(exc.message), response_type="ephemeral", replace_original=False)
             return
-        except Exception:
-            log.exception("command_click_failed", action=str(action.get("action_id", "")))
-            answer = "Sorry — that click failed; the details are in the bot's log."
-            await respond(text=answer, response_type="ephemeral", replace_original=False)
-            return
-        await serve_command(deps, router, client, respond, user, channel_id, text)
+        # Anything else goes to on_error: logged with the ref, audited, "failed (ref …)" to the clicker.
+        await serve_command(deps, router, client, respond, user, channel_id, text, request_id=request_id)
 
     @app.action(re.compile("^(" + "|".join(ACTION_IDS) + ")$"))
     async def approval_click(
-        ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], respond: AsyncRespond, req: AsyncBoltRequest
+        ack: AsyncAck,
+        body: dict[str, Any],
+        action: dict[str, Any],
+        respond: AsyncRespond,
+        req: AsyncBoltRequest,
+        context: AsyncBoltContext,
     ) -> None:
         await ack()
-        request_id = new_request_id()
+        request_id = context["request_id"] = new_request_id()
         retry = ",".join(req.headers.get("x-slack-retry-num") or ()) or None
         async with deps.running.track():
             await asyncio.sleep(ACK_HEADSTART)
             await on_click(deps, body, action, respond, request_id, retry)
 
+    @app.view(re.compile(".*"))
+    async def form_submitted(ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
+        """opsbot opens no modals: a form submitted to it (one from another version of the bot) is
+        answered in the modal itself, audited, and nothing runs."""
+        await ack(response_action="update", view=notice_view(UNKNOWN_FORM))
+        request_id = context["request_id"] = new_request_id()
+        await refuse_form(deps, body, request_id)
+
     @app.error
-    async def on_error(error: Exception, body: dict[str, Any]) -> None:
-        # Anything that escapes a listener is logged with its traceback; Slack never sees it.
-        log.error("listener_error", exc_info=error, payload_type=str(body.get("type", body.get("command", ""))))
+    async def on_error(
+        error: Exception,
+        body: dict[str, Any],
+        context: AsyncBoltContext,
+        client: AsyncWebClient,
+        respond: AsyncRespond | None,
+        resp: BoltResponse | None,
+    ) -> BoltResponse | None:
+        """Bolt's one error handler, for listeners and middleware alike: see :func:`report_failure`."""
+        return await report_failure(deps, error, body, context, client, respond, resp)
 
 
 async def serve_command(
@@ -240,9 +272,11 @@ async def serve_command(
     user: str,
     channel_id: str,
     text: str,
+    *,
+    request_id: str | None = None,
 ) -> None:
     """Run one /ops command for a Slack user and deliver its reply (a live message while it works)."""
-    request_id = new_request_id()
+    request_id = request_id or new_request_id()
 
     async def progress(note: str) -> None:
         await respond(text=note, response_type="ephemeral", replace_original=False)
@@ -285,9 +319,7 @@ async def on_click(
             answer = decision.message
         except CommandError as exc:
             answer = deps.redactor.redact(exc.message)
-        except Exception:
-            log.exception("approval_click_failed", approval=approval_id)
-            answer = f"Sorry — that click failed (ref {request_id}). The details are in the bot's log."
+        # Anything else reaches on_error (logged, audited, "failed (ref …)" with this request's id).
         try:
             await respond(text=answer, response_type="ephemeral", replace_original=False)
         except Exception:
@@ -306,3 +338,99 @@ async def _remember_message(deps: Deps, approval_id: str, body: dict[str, Any]) 
         return
     if approval.message_ts is None:
         await deps.store.attach_approval_message(approval.id, str(channel), str(ts))
+
+
+def failed_text(ref: str) -> str:
+    """What a user hears about an unexpected failure: the reference, never the error."""
+    return f"Sorry — that failed (ref {ref}). The details are in the bot's log."
+
+
+def notice_view(text: str) -> dict[str, Any]:
+    """A modal that only says ``text`` (a form opsbot does not know, a failure)."""
+    return {
+        "type": "modal",
+        "title": {"type": "plain_text", "text": "opsbot"},
+        "close": {"type": "plain_text", "text": "Close"},
+        "blocks": [bk.section(text)],
+    }
+
+
+async def refuse_form(deps: Deps, body: dict[str, Any], request_id: str) -> None:
+    """Audit a submitted form opsbot does not know; nothing runs."""
+    actor, command, _, channel = _described(body)
+    log.warning("unknown_form_submitted", request_id=request_id, user=actor, form=command)
+    await record_event(
+        deps.store, deps.redactor, request_id=request_id, actor=actor, command=command, args="", channel=channel,
+        outcome="rejected", detail="opsbot has no form like this; nothing was done",
+    )  # fmt: skip
+
+
+async def report_failure(
+    deps: Deps,
+    error: Exception,
+    body: dict[str, Any],
+    context: AsyncBoltContext,
+    client: AsyncWebClient,
+    respond: AsyncRespond | None,
+    resp: BoltResponse | None,
+) -> BoltResponse | None:
+    """Whatever a listener or middleware let escape: logged with its traceback under a reference,
+    audited as an error, and the user is told "failed (ref …)" and nothing else — in the answer to
+    Slack's request if it is still open (``resp``), else through response_url or the modal. Never
+    raises: an error here would escape Bolt as an unretrieved task exception."""
+    ref = str(context.get("request_id") or new_request_id())
+    try:
+        if resp is None:
+            # Acked already, but Bolt notices an ack on its next 10 ms poll, and once this handler
+            # returns it resets the ack it has not seen yet: Slack would get a 404 after 3 s instead.
+            # Let the poll see it first.
+            await asyncio.sleep(ACK_HEADSTART)
+        actor, command, args, channel = _described(body)
+        log.error("listener_error", request_id=ref, user=actor, command=command, exc_info=error)
+        text = failed_text(ref)
+        answer: BoltResponse | None = None
+        try:
+            if resp is not None and "command" in body:  # a slash command not yet acked: the answer says it
+                answer = BoltResponse(status=200, body={"response_type": "ephemeral", "text": text})
+            elif body.get("type") == "view_submission":
+                if resp is not None:
+                    answer = BoltResponse(status=200, body={"response_action": "update", "view": notice_view(text)})
+                elif view_id := str((body.get("view") or {}).get("id") or ""):
+                    await client.views_update(view_id=view_id, view=notice_view(text))
+            else:
+                answer = BoltResponse(status=200, body="") if resp is not None else None
+                if respond is not None:
+                    await respond(text=text, response_type="ephemeral", replace_original=False)
+        except Exception:
+            log.warning("failure_notice_failed", request_id=ref, exc_info=True)
+        await record_event(
+            deps.store, deps.redactor, request_id=ref, actor=actor, command=command, args=args, channel=channel,
+            outcome="error", detail=f"failed (ref {ref})",
+        )  # fmt: skip
+        return answer
+    except Exception:
+        log.exception("error_handler_failed", request_id=ref)
+        return None
+
+
+def _described(body: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Who sent a Slack request, what it asked for, its arguments and channel: for the audit."""
+    if "command" in body:  # a slash command (a form body)
+        text = str(body.get("text", ""))
+        return str(body.get("user_id", "")), str(body.get("command", ""))[:40], text, str(body.get("channel_id", ""))
+    kind = str(body.get("type", "request"))[:40]
+    user = body.get("user") or {}
+    where = body.get("channel") or body.get("container") or {}
+    actor = str(user.get("id", "")) if isinstance(user, dict) else ""
+    channel = str(where.get("id") or where.get("channel_id") or "") if isinstance(where, dict) else ""
+    if kind == "block_actions":
+        actions = body.get("actions") or [{}]
+        action = actions[0] if isinstance(actions, list) and isinstance(actions[0], dict) else {}
+        chosen = action.get("value") or (action.get("selected_option") or {}).get("value") or ""
+        args = f"{action.get('block_id', '')} {chosen}".strip()
+        return actor, f"click {str(action.get('action_id', ''))[:60]}", args, channel
+    if kind == "view_submission":
+        view = body.get("view") or {}
+        callback = str(view.get("callback_id", "")) if isinstance(view, dict) else ""
+        return actor, f"form {callback[:60]}".strip(), "", channel
+    return actor, kind, "", channel

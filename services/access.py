@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 
 import structlog
 
+from services.errors import CommandError
 from services.inventory import Role, Roles
 
 log = structlog.get_logger(__name__)
@@ -47,13 +49,31 @@ def describe(roles: Iterable[Role]) -> str:
 
 GroupMembers = Callable[[str], Awaitable[frozenset[str]]]
 
+GROUP_CACHE_TTL = 300.0  # seconds a user group's members are trusted (the README's 5 minutes)
+_SLACK_USER = re.compile(r"^[UW][A-Z0-9]+$")  # only Slack users can be in a user group
+
+
+class GroupLookupFailed(CommandError):
+    """A user group that could give the caller a role could not be read from Slack: nothing is granted
+    on old or partial data, and the caller is told to try again (audited as an error)."""
+
+    def __init__(self, groups: list[str]) -> None:
+        super().__init__(
+            "opsbot could not check your Slack user groups just now, so nothing was done; try again in a minute.",
+            outcome="error",
+        )
+        self.groups = groups
+        self.detail = f"user group{'s' if len(groups) > 1 else ''} {', '.join(groups)} could not be checked"
+
 
 class RoleResolver:
     """Works out a Slack user's roles from user IDs and user-group IDs in the inventory.
 
     Group membership comes from ``group_members`` (the Web API, for the bot) and is cached for
-    ``ttl`` seconds; ``fresh=True`` bypasses the cache (approval clicks). A group that cannot be
-    resolved grants nothing: access fails closed.
+    ``ttl`` seconds; ``fresh=True`` bypasses the cache (approval clicks). Groups are read only for
+    roles above what the user holds without them. A group that cannot be read grants nothing, and
+    its old members are never used: the caller is refused with :class:`GroupLookupFailed`, because
+    the role it might have given is unknown.
     """
 
     def __init__(
@@ -61,12 +81,12 @@ class RoleResolver:
         roles: Roles,
         group_members: GroupMembers | None = None,
         *,
-        ttl: float = 300.0,
+        ttl: float = GROUP_CACHE_TTL,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._roles = roles
         self._group_members = group_members
-        self._ttl = ttl
+        self.ttl = ttl
         self._clock = clock or time.monotonic
         self._cache: dict[str, tuple[float, frozenset[str]]] = {}
         self._granted: dict[str, Role] = {}
@@ -75,28 +95,42 @@ class RoleResolver:
         """Give a user a role outside the inventory (the local CLI user)."""
         self._granted[user_id] = role
 
-    async def _members(self, group_id: str, fresh: bool) -> frozenset[str]:
+    async def _members(self, group_id: str, fresh: bool) -> frozenset[str] | None:
+        """The group's members, or None when Slack could not say (never the expired entry)."""
         if self._group_members is None:
             return frozenset()
         now = self._clock()
         cached = self._cache.get(group_id)
-        if cached is not None and not fresh and now - cached[0] < self._ttl:
+        if cached is not None and not fresh and now - cached[0] < self.ttl:
             return cached[1]
         try:
             members = await self._group_members(group_id)
         except Exception:
+            self._cache.pop(group_id, None)  # what it said before no longer counts
             log.warning("usergroup_lookup_failed", usergroup=group_id, exc_info=True)
-            return cached[1] if cached is not None and not fresh else frozenset()
+            return None
         self._cache[group_id] = (now, members)
         return members
 
     async def roles_of(self, user_id: str, *, fresh: bool = False) -> frozenset[Role]:
+        """The user's roles. Raises :class:`GroupLookupFailed` when the groups of a role above the
+        user's other roles could not be read (that role might be theirs)."""
         top: Role | None = self._granted.get(user_id)
         for role in Role:
-            for member in self._roles.members(role):
-                if member in ("*", user_id) or (
-                    member.startswith("S") and user_id in await self._members(member, fresh)
-                ):
-                    top = role if top is None or role.rank > top.rank else top
-                    break
+            if any(member in ("*", user_id) for member in self._roles.members(role)):
+                top = role if top is None or role.rank > top.rank else top
+        if self._group_members is None or not _SLACK_USER.match(user_id):
+            return implied(top)
+        for role in reversed(Role):  # the highest role first: the first group that has the user decides
+            if top is not None and role.rank <= top.rank:
+                break
+            unreadable: list[str] = []
+            for group in (m for m in self._roles.members(role) if m.startswith("S")):
+                members = await self._members(group, fresh)
+                if members is None:
+                    unreadable.append(group)
+                elif user_id in members:
+                    return implied(role)
+            if unreadable:  # this role may be theirs, and no lower role can settle it
+                raise GroupLookupFailed(unreadable)
         return implied(top)
