@@ -145,7 +145,7 @@ async def _async_main(args: argparse.Namespace, settings: Settings, redactor: Re
             output=getattr(args, "output", None),
             since_seq=getattr(args, "since_seq", 0),
         )
-    from bot.console import Console, exit_code
+    from bot.console import Console
     from bot.container import build_container
 
     if args.command == "demo":
@@ -157,9 +157,11 @@ async def _async_main(args: argparse.Namespace, settings: Settings, redactor: Re
 
         return await serve(settings, redactor, socket_mode=args.socket, port=args.port)
     async with build_container(settings, redactor=redactor) as container:
+        if container.deps.backups is not None:  # without `serve`, nothing else fails what a killed backup left
+            await container.deps.backups.sweep_quietly()
         console = Console(container, args.user)
         if args.command == "run":
-            return exit_code(await console.show(args.text))
+            return await console.run_once(args.text)
         await console.loop()
         return 0
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
+import signal
 import sys
 from typing import TextIO
 
@@ -74,12 +76,37 @@ class Console:
         self.out.flush()
 
     async def show(self, line: str, *, echo: bool = True) -> Reply:
+        """Run one command line and print its reply (after the line itself, with who typed it if not the local user)."""
         if echo:
-            self.out.write(f"\n> /ops {line.strip().removeprefix('/ops').strip()}\n")
+            who = "" if self.user.startswith("local:") else f"   (as {self.user})"
+            self.out.write(f"\n> /ops {line.strip().removeprefix('/ops').strip()}{who}\n")
         reply = await self.execute(line)
         self.out.write(render_reply(reply) + "\n")
         self.out.flush()
         return reply
+
+    async def run_once(self, line: str) -> int:
+        """`opsbot run`: one command line and its exit code. SIGINT or SIGTERM stops the command as interrupted
+        (exit 3, a message on stderr) after the bot has recorded what it was doing: an approved run it was
+        running ends ``interrupted``, audited, instead of the process dying with it still ``running``."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("run_once must run in a task")
+        stops: list[signal.Signals] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread, Windows
+                loop.add_signal_handler(sig, task.cancel)
+                stops.append(sig)
+        try:
+            return exit_code(await self.show(line))
+        except asyncio.CancelledError:
+            task.uncancel()
+            sys.stderr.write(f"opsbot: interrupted: `/ops {line.strip()}` did not finish\n")
+            return EXIT_REFUSED
+        finally:
+            for sig in stops:
+                loop.remove_signal_handler(sig)
 
     async def loop(self, stdin: TextIO = sys.stdin) -> None:
         who = f"{self.user} (an admin on this host)" if self.user.startswith("local:") else self.user

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 
 import structlog
 from pydantic import Field
 
 from handlers import blocks as bk
 from handlers.context import Block, Deps, OpsContext, Reply
-from handlers.registry import CommandArgs, NoArgs, subcommand
+from handlers.registry import FOLLOWUPS, CommandArgs, NoArgs, subcommand
 from services.access import Risk
 from services.approvals import ApprovalEngine, Decision, Refused, mention, plan_of
 from services.state import Approval, ApprovalState
@@ -36,11 +35,6 @@ _STATE_LINE = {
     S.CANCELLED: ":heavy_minus_sign: *Cancelled*",
     S.EXPIRED: ":heavy_minus_sign: *Expired*",
 }
-
-
-# Extra buttons under a finished approval of one action (a failed rollback's roll-forward),
-# registered by the command's module: action -> block or None.
-FOLLOWUPS: dict[str, Callable[[Approval], Block | None]] = {}
 
 
 def _confirm(approval: Approval) -> dict[str, object]:
@@ -153,13 +147,29 @@ def approval_reply(engine: ApprovalEngine, approval: Approval, *, interface: str
     return Reply(approval_text(approval), blocks, approval_id=approval.id)
 
 
+# How a run ended, as the result's header says it; a failed or interrupted run is the command's error.
+_ENDED = {S.SUCCEEDED: "Done", S.FAILED: "Failed", S.INTERRUPTED: "Interrupted"}
+_RUN_FAILED = (S.FAILED, S.INTERRUPTED)
+
+
 def result_reply(engine: ApprovalEngine, approval: Approval) -> Reply:
-    """A finished run for the person who approved it from a command (console, /ops approve)."""
+    """A finished run for the person who approved it from a command (console, /ops approve).
+
+    A run that failed or was interrupted makes the reply an error, so the approving command is
+    audited as one and `opsbot run "approve <id>"` exits 3: cron trusts the exit code, not the text."""
     blocks = approval_blocks(engine, approval)
+    if ended := _ENDED.get(approval.state):
+        blocks[0] = bk.header(f"{ended}: /ops {approval.action} {approval.service}")
     rest = approval.result.splitlines()[1:]
     if rest:
         blocks += bk.sections([bk.escape(line) for line in rest])
-    return Reply(approval_text(approval), blocks)
+    first = approval.result.splitlines()[0] if approval.result else ""
+    if approval.state.final:
+        detail = f"approval {approval.id} {approval.state.value}" + (f": {first}" if first else "")
+    else:  # another replica claimed the run: it ends there, and its own events say how
+        detail = f"approval {approval.id} {approval.state.value} elsewhere"
+    outcome = "error" if approval.state in _RUN_FAILED else "ok"
+    return Reply(approval_text(approval), blocks, outcome=outcome, detail=detail)
 
 
 async def run_approved(deps: Deps, approval: Approval, request_id: str) -> Approval:

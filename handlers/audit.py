@@ -8,8 +8,7 @@ from pydantic import Field, field_validator
 
 from handlers import blocks as bk
 from handlers.context import OpsContext, Reply
-from handlers.health import resolve_service
-from handlers.registry import CommandArgs, subcommand
+from handlers.registry import CommandArgs, resolve_service, subcommand
 from services.access import Risk
 
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]{2,})(?:\|[^>]*)?>$")

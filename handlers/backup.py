@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from pydantic import Field
 
 from handlers import blocks as bk
 from handlers.context import Block, OpsContext, Reply
-from handlers.health import resolve_service
-from handlers.registry import CommandArgs, clip_token, subcommand
+from handlers.registry import CommandArgs, clip_token, resolve_service, subcommand
 from services.access import Risk
 from services.approvals import Outcome, Plan, Progress
 from services.backup.base import BackupError
@@ -18,34 +17,12 @@ from services.backup.runner import BackupProgress, BackupRunner
 from services.errors import CommandError
 from services.health import Status
 from services.state import BackupRecord, BackupState
+from services.text import ago, size
 
 LISTED = 15  # backups shown by /ops backup list
 BACKUP_ID = r"^[a-z0-9][a-z0-9_-]{0,127}$"
 
 HealthCheck = Callable[[str], Awaitable[tuple[Status, list[str]]]]
-
-
-def size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def ago(delta: timedelta) -> str:
-    minutes = int(delta.total_seconds() // 60)
-    if minutes < 1:
-        return "just now"
-    if minutes < 60:
-        return f"{minutes} min ago"
-    hours = minutes // 60
-    if hours < 48:
-        return f"{hours} h {minutes % 60} min ago"
-    return f"{hours // 24} days ago"
 
 
 def seconds(value: float | None) -> str:

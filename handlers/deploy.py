@@ -12,10 +12,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field
 
 from handlers import blocks as bk
-from handlers.approvals import FOLLOWUPS
 from handlers.context import Block, Deps, OpsContext, Reply
-from handlers.health import resolve_service
-from handlers.registry import CLICK_COMMANDS, CommandArgs, clip_token, subcommand
+from handlers.registry import CLICK_COMMANDS, FOLLOWUPS, CommandArgs, clip_token, resolve_service, subcommand
 from services.access import Risk
 from services.approvals import Outcome, Plan, Progress
 from services.deploy.base import DeployError, Release, ReleaseProvider
@@ -131,6 +129,8 @@ async def deploys(ctx: OpsContext, args: ServiceArgs) -> Reply:
     if not found:
         raise CommandError(f"`{service}` has no Cloud Run, Lambda, Render or compose component.")
 
+    unlisted: list[str] = []
+
     async def section(name: str, spec: Component) -> list[str]:
         try:
             if isinstance(spec, ComposeComponent):
@@ -143,6 +143,7 @@ async def deploys(ctx: OpsContext, args: ServiceArgs) -> Reply:
             releases = await providers.releases(service, name, spec).releases(LISTED)
             return [release_line(r) for r in releases] or ["no releases"]
         except CommandError as exc:
+            unlisted.append(f"{name}: {exc.message}")
             return [f":warning: {bk.escape(exc.message)}"]
 
     results = await asyncio.gather(*(section(n, s) for n, s in found.items()))
@@ -150,7 +151,9 @@ async def deploys(ctx: OpsContext, args: ServiceArgs) -> Reply:
     for (name, spec), lines in zip(found.items(), results, strict=True):
         blocks += bk.sections(lines, title=f"*{bk.escape(name)}* ({spec.type})")
     blocks.append(bk.context("`/ops rollback <service>` goes back to the previous ready release (needs approval)"))
-    return Reply(f"Deploys of {service}", blocks, ephemeral=True)
+    text = f"Deploys of {service}" + (f": {len(unlisted)} component(s) could not be listed" if unlisted else "")
+    # A listing that failed is the command's failure (audited as one; `opsbot run` exits 3), shown with the rest.
+    return Reply(text, blocks, ephemeral=True, outcome="error" if unlisted else "ok", detail="; ".join(unlisted))
 
 
 class RollbackArgs(CommandArgs):

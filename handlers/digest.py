@@ -1,9 +1,10 @@
 """/ops digest [daily|weekly|monthly] [--post]: the runbooks' periodic checklists as one message.
 
 A digest probes every service afresh, reads the backup catalog, the approvals and runs of its
-period, the alert states and the audit chain, and puts every problem first. Each section ends with
-what changed since the previous *posted* digest of the same kind; a preview (without ``--post``)
-saves nothing, so it never changes what the next posted digest compares with.
+period, the alert states and the audit chain (``services.digest`` gathers all that as plain data),
+and this module renders it with every problem first. Each section ends with what changed since the
+previous *posted* digest of the same kind; a preview (without ``--post``) saves nothing, so it never
+changes what the next posted digest compares with.
 """
 
 from __future__ import annotations
@@ -18,39 +19,36 @@ from zoneinfo import ZoneInfo
 from pydantic import Field
 
 from handlers import blocks as bk
-from handlers.backup import ago, size
 from handlers.context import Block, Deps, OpsContext, Reply, Upload
-from handlers.health import targets_for
-from handlers.jobs import JobsTarget
 from handlers.registry import CommandArgs, clip_token, subcommand
 from services.access import Risk
 from services.alerts.rules import AlertState, Phase
-from services.alerts.watch import state_from_json, watched
-from services.backup.runner import BackupRunner
-from services.charts import weekly_chart
+from services.digest import (
+    FINISHED_STATES,
+    PERIODS,
+    AlertFacts,
+    BackupFacts,
+    BackupStanding,
+    DigestFacts,
+    JobsCheck,
+    PreviousDigest,
+    RunFacts,
+    availability_chart,
+    gather_digest,
+    save_posted,
+)
 from services.errors import CommandError
-from services.health import HealthReport, Status, check_health
-from services.inventory import CloudSqlComponent, PostgresComponent
-from services.state import Approval, ApprovalState, BackupRecord, BackupState
+from services.health import HealthReport, Status
+from services.state import Approval, ApprovalState
+from services.text import ago, size
 
-PERIODS: dict[str, timedelta] = {
-    "daily": timedelta(hours=24),
-    "weekly": timedelta(days=7),
-    "monthly": timedelta(days=30),
-}
 SNAPSHOT_VERSION = 1
 PROGRESS_AFTER = 2.0  # seconds before the caller is told the digest is being put together
 SECTION_LINES = 20  # lines listed per section; the rest are counted ("… and N more")
 LINE_CHARS = 280  # one listed line at most (keeps every section within two or three blocks)
 CHANGE_ITEMS = 8  # names listed per kind of change
-APPROVALS_READ = 1000  # approvals read per digest (newest first); plenty for a small team's month
-FAILED_BACKUPS_READ = 200
-JOBS_LIMIT = 5  # stuck jobs fetched per jobs table: the count is what the checklist needs
 
 S = ApprovalState
-OPEN_STATES = (S.PENDING, S.APPROVED, S.RUNNING)
-FINISHED_STATES = (S.SUCCEEDED, S.FAILED, S.INTERRUPTED, S.DENIED, S.EXPIRED, S.CANCELLED)
-FAILED_STATES = (S.FAILED, S.INTERRUPTED)
 
 OK_MARK = ":white_check_mark:"
 CROSS_MARK = ":x:"
@@ -119,42 +117,15 @@ class Digest:
     status: Status
 
 
-@dataclass(frozen=True)
-class _Previous:
-    """The last posted digest of this kind (or none): when, and what it showed."""
-
-    at: datetime | None
-    snapshot: Mapping[str, Any]
-
-    @property
-    def first(self) -> bool:
-        return self.at is None
-
-    def names(self, key: str) -> set[str]:
-        value = self.snapshot.get(key)
-        return {str(v) for v in value} if isinstance(value, list) else set()
-
-    def pairs(self, key: str) -> list[tuple[str, str]]:
-        """A list of ``[key, text]`` pairs, in the order the digest showed them."""
-        value = self.snapshot.get(key)
-        items = value if isinstance(value, list) else []
-        return [(str(i[0]), str(i[1])) for i in items if isinstance(i, list | tuple) and len(i) == 2]
-
-    def mapping(self, key: str) -> dict[str, Any]:
-        value = self.snapshot.get(key)
-        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
-
-
 @dataclass
 class _Context:
-    """What every section builder needs: the deps, the period, the zone, the previous snapshot."""
+    """What every section renderer needs: the period, the zone, the previous snapshot."""
 
-    deps: Deps
     kind: str
     now: datetime
     start: datetime
     zone: ZoneInfo
-    previous: _Previous
+    previous: PreviousDigest
 
     def when(self, moment: datetime | None) -> str:
         if moment is None:
@@ -174,25 +145,6 @@ class _Context:
 # -- small helpers ---------------------------------------------------------------------------------
 
 
-def _moment(value: object) -> datetime | None:
-    """A time from stored JSON (ISO text or epoch seconds), as aware UTC; None if it is neither."""
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            return datetime.fromtimestamp(value, UTC)
-        except (OverflowError, OSError, ValueError):
-            return None
-    elif isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    else:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def _line(text: str) -> str:
     return bk.clip(text, LINE_CHARS)
 
@@ -210,7 +162,7 @@ def _names(items: Sequence[str], limit: int = CHANGE_ITEMS, sep: str = ", ") -> 
     return shown + (f" … and {len(items) - limit:,} more" if len(items) > limit else "")
 
 
-def _changes(previous: _Previous, parts: Iterable[tuple[str, Sequence[str]]]) -> str:
+def _changes(previous: PreviousDigest, parts: Iterable[tuple[str, Sequence[str]]]) -> str:
     """``new: shop critical; recovered: blog``, ``no change``, or ``first digest``."""
     if previous.first:
         return "first digest"
@@ -283,54 +235,7 @@ def _health_part(ctx: _Context, report: HealthReport) -> tuple[Part, dict[str, s
 # -- backups ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _BackupStanding:
-    service: str
-    component: str
-    newest: BackupRecord | None
-    expected: timedelta
-    overdue: bool
-    note: str = ""  # why the newest may be unknown (Cloud SQL unreachable)
-
-
-async def _cloudsql_newest(ctx: _Context, runner: BackupRunner, service: str) -> tuple[dict[str, BackupRecord], str]:
-    """Newest good Cloud SQL backup run per instance of ``service`` (Google keeps the automated ones)."""
-    try:
-        async with asyncio.timeout(ctx.deps.inventory.health.deadline):
-            runs = await runner.cloudsql_runs(service, limit=5)
-    except CommandError as exc:
-        return {}, f"could not list the Cloud SQL backup runs: {exc.message}"
-    except TimeoutError:
-        return {}, "the Cloud SQL Admin API did not answer in time"
-    newest: dict[str, BackupRecord] = {}
-    for component, records in runs.items():
-        good = [r for r in records if r.state is BackupState.GOOD]
-        if good:
-            newest[component] = max(good, key=lambda r: r.started_at)
-    return newest, ""
-
-
-async def _backup_standings(ctx: _Context, runner: BackupRunner) -> list[_BackupStanding]:
-    found: list[_BackupStanding] = []
-    for service in ctx.deps.inventory.services:
-        components = runner.components(service)
-        if not components:
-            continue
-        managed: dict[str, BackupRecord] = {}
-        note = ""
-        if any(isinstance(spec, CloudSqlComponent) for spec in components.values()):
-            managed, note = await _cloudsql_newest(ctx, runner, service)
-        expected = runner.expected_every(service)
-        for component, spec in components.items():
-            candidates = [r for r in (await runner.newest_good(service, component), managed.get(component)) if r]
-            newest = max(candidates, key=lambda r: r.started_at, default=None)
-            overdue = newest is None or ctx.now - newest.started_at > expected
-            why = note if isinstance(spec, CloudSqlComponent) else ""
-            found.append(_BackupStanding(service, component, newest, expected, overdue, why))
-    return found
-
-
-def _backup_line(ctx: _Context, item: _BackupStanding) -> str:
+def _backup_line(ctx: _Context, item: BackupStanding) -> str:
     where = f"*{bk.escape(item.service)}/{bk.escape(item.component)}*"
     extra = f" ({bk.escape(item.note)})" if item.note else ""
     if item.newest is None:
@@ -344,14 +249,13 @@ def _backup_line(ctx: _Context, item: _BackupStanding) -> str:
     return f"{bk.STATUS_EMOJI[Status.HEALTHY]} {where} — newest good {taken}"
 
 
-async def _backups_part(ctx: _Context) -> tuple[Part, list[str], CheckItem | None]:
-    runner = ctx.deps.backups
+def _backups_part(ctx: _Context, backups: BackupFacts | None) -> tuple[Part, list[str], CheckItem | None]:
     previous = ctx.previous.names("backups_overdue")
-    if runner is None:
+    if backups is None:
         check = CheckItem("backups", "Backups on time", False, "backups are not set up in this bot")
         text = "Backups are not set up in this bot."
         return Part("*Backups*", [text], _changes(ctx.previous, [])), [], check
-    standings = await _backup_standings(ctx, runner)
+    standings = list(backups.standings)
     if not standings:
         text = "No component here is one opsbot backs up (postgres, mongodb, sqlite, files or cloudsql)."
         return Part("*Backups*", [text], _changes(ctx.previous, [])), [], None
@@ -368,11 +272,7 @@ async def _backups_part(ctx: _Context) -> tuple[Part, list[str], CheckItem | Non
         for s in overdue
     ]
     lines = _bounded([_backup_line(ctx, s) for s in standings], what="more components")
-    failed = [
-        r
-        for r in await ctx.deps.store.list_backups(states=[BackupState.FAILED], limit=FAILED_BACKUPS_READ)
-        if ctx.in_period(r.started_at)
-    ]
+    failed = backups.failed
     if failed:
         shown = _names([f"`{r.id}`" for r in failed], limit=5)
         lines.append(_line(f":red_circle: {len(failed)} backup(s) failed in this period: {shown}"))
@@ -413,19 +313,8 @@ def _run_line(ctx: _Context, approval: Approval) -> str:
     )
 
 
-def _ended_at(approval: Approval) -> datetime:
-    return approval.finished_at or approval.decided_at or approval.created_at
-
-
-async def _runs_part(ctx: _Context) -> tuple[Part, dict[str, list[str]], CheckItem]:
-    store = ctx.deps.store
-    opened = await store.list_approvals(OPEN_STATES, limit=APPROVALS_READ)
-    finished = [
-        a for a in await store.list_approvals(FINISHED_STATES, limit=APPROVALS_READ) if ctx.in_period(_ended_at(a))
-    ]
-    failed = sorted((a for a in finished if a.state in FAILED_STATES), key=_ended_at, reverse=True)
-    pending = [a for a in opened if a.state is S.PENDING]
-    overdue = [a for a in pending if a.expires_at <= ctx.now]
+def _runs_part(ctx: _Context, runs: RunFacts) -> tuple[Part, dict[str, list[str]], CheckItem]:
+    opened, finished, failed, pending, overdue = runs.opened, runs.finished, runs.failed, runs.pending, runs.overdue
     counts = {state: sum(1 for a in finished if a.state is state) for state in FINISHED_STATES}
     tally = ", ".join(f"{n} {state.value}" for state, n in counts.items() if n) or "nothing finished"
     lines = _bounded([_run_line(ctx, a) for a in failed], what="more failed runs")
@@ -488,34 +377,14 @@ def _alert_line(ctx: _Context, state: AlertState, silenced_until: datetime | Non
     return line
 
 
-def _severities(deps: Deps) -> dict[str, Status]:
-    """Each alert's severity from its rule in the inventory (ServiceDown by default is critical)."""
-    return {
-        rule.key(w.target.service, w.target.component): Status.CRITICAL
-        if rule.severity == "critical"
-        else Status.WARNING
-        for w in watched(deps.inventory, frozenset(deps.probes))
-        for rule in w.rules
-    }
-
-
-async def _alerts_part(ctx: _Context) -> tuple[Part, list[str]]:
-    stored = await ctx.deps.store.load_alerts()
-    states = {key: state_from_json(alert.state, key) for key, alert in stored.items()}
-    silences = {s.key: s.until for s in await ctx.deps.store.active_silences(ctx.now)}
-    severity = _severities(ctx.deps)
-    firing = sorted((s for s in states.values() if s.firing), key=lambda s: (s.fired_at or ctx.now, s.key))
+def _alerts_part(ctx: _Context, alerts: AlertFacts) -> tuple[Part, list[str]]:
+    silences, severity, firing = alerts.silenced_until, alerts.severity, alerts.firing
     firing_keys = [s.key for s in firing]
     fired_now = [s for s in firing if ctx.in_period(s.fired_at)]
     before = ctx.previous.names("alerts_firing")
     # An alert's state starts over when it resolves, so what resolved is what was firing at the last
     # digest and is not now, or whose ``resolved_at`` (kept by the watcher) falls in the period.
-    resolved = before - set(firing_keys)
-    resolved |= {
-        key
-        for key, alert in stored.items()
-        if key not in firing_keys and ctx.in_period(_moment(alert.state.get("resolved_at")))
-    }
+    resolved = (before - set(firing_keys)) | alerts.resolved_in_period
     problems = [
         Problem(
             f"alert:{s.key}",
@@ -529,7 +398,7 @@ async def _alerts_part(ctx: _Context) -> tuple[Part, list[str]]:
     if resolved:
         lines.append(_line(f"{bk.STATUS_EMOJI[Status.HEALTHY]} resolved: {bk.escape(_names(sorted(resolved)))}"))
     if not firing and not resolved:
-        lines.append("No alert is firing." if stored else "No alert has fired yet.")
+        lines.append("No alert is firing." if alerts.any_stored else "No alert has fired yet.")
     change = _changes(
         ctx.previous,
         [("fired", [k for k in firing_keys if k not in before]), ("resolved", sorted(before - set(firing_keys)))],
@@ -541,42 +410,27 @@ async def _alerts_part(ctx: _Context) -> tuple[Part, list[str]]:
 # -- the checklist ---------------------------------------------------------------------------------
 
 
-async def _stuck_jobs(ctx: _Context, service: str, target: JobsTarget) -> tuple[str, int | None]:
-    """Stuck jobs in one jobs table, or None with why it could not be checked (a crossed item)."""
-    component, spec = target.component, target.spec
-    client = target.client(ctx.deps.redactor)
-    try:
-        async with asyncio.timeout(spec.timeout * 2 + 1):
-            summary = await client.summary(limit=JOBS_LIMIT)
-    except CommandError as exc:
-        return f"{service}/{component}: could not check ({exc.message.rstrip('.')})", None
-    except TimeoutError:
-        return f"{service}/{component}: could not check (no answer in time)", None
-    minutes = summary.threshold_minutes
-    if summary.stuck_total:
-        return f"{service}/{component}: {summary.stuck_total:,} stuck over {minutes} min", summary.stuck_total
-    return f"{service}/{component}: none stuck over {minutes} min", 0
+def _jobs_line(check: JobsCheck) -> str:
+    where = f"{check.service}/{check.component}"
+    if check.stuck is None:
+        return f"{where}: could not check ({check.problem.rstrip('.')})"
+    if check.stuck:
+        return f"{where}: {check.stuck:,} stuck over {check.threshold_minutes} min"
+    return f"{where}: none stuck over {check.threshold_minutes} min"
 
 
-async def _jobs_check(ctx: _Context) -> CheckItem | None:
-    tables = [
-        (service, JobsTarget(component, spec, spec.jobs))
-        for service, component, spec in ctx.deps.inventory.components()
-        if isinstance(spec, PostgresComponent) and spec.jobs is not None
-    ]
-    if not tables:
+def _jobs_check(checks: Sequence[JobsCheck]) -> CheckItem | None:
+    if not checks:
         return None
-    results = await asyncio.gather(*(_stuck_jobs(ctx, service, target) for service, target in tables))
-    bad = [text for text, stuck in results if stuck != 0]
+    bad = [_jobs_line(c) for c in checks if c.stuck != 0]
     if bad:
         more = f" … and {len(bad) - 3} more" if len(bad) > 3 else ""
         return CheckItem("jobs", "No jobs stuck in processing", False, "; ".join(bad[:3]) + more)
-    reason = results[0][0] if len(results) == 1 else f"{len(results)} jobs tables checked, none stuck"
+    reason = _jobs_line(checks[0]) if len(checks) == 1 else f"{len(checks)} jobs tables checked, none stuck"
     return CheckItem("jobs", "No jobs stuck in processing", True, reason)
 
 
-async def _audit_check(ctx: _Context) -> CheckItem:
-    broken = await ctx.deps.store.verify_audit()
+def _audit_check(broken: int | None) -> CheckItem:
     if broken is None:
         return CheckItem("audit", "Audit chain intact", True, "every event links to the one before")
     reason = f"the hash chain breaks at event #{broken}"
@@ -642,43 +496,23 @@ def _part_blocks(ctx: _Context, part: Part) -> list[Block]:
     return blocks
 
 
-async def _previous(deps: Deps, kind: str) -> _Previous:
-    found = await deps.store.last_digest(kind)
-    if found is None:
-        return _Previous(None, {})
-    at, snapshot = found
-    return _Previous(at, snapshot if isinstance(snapshot, dict) else {})
-
-
 async def build_digest(deps: Deps, kind: str, *, now: datetime) -> Digest:
     """Probe, read and compare: the digest of the ``kind`` period ending ``now`` (nothing is saved)."""
-    kind = digest_kind(kind)
-    now = now.astimezone(UTC)
-    inventory = deps.inventory
-    ctx = _Context(deps, kind, now, now - PERIODS[kind], ZoneInfo(inventory.timezone), await _previous(deps, kind))
-    try:
-        # One task group: should a section fail unexpectedly, the others (probes too) are cancelled.
-        async with asyncio.TaskGroup() as group:
-            probing = group.create_task(
-                check_health(
-                    targets_for(inventory, "all"), deps.probe_for, deadline=inventory.health.deadline,
-                    redactor=deps.redactor, observe=deps.observe_probe,
-                )
-            )  # fmt: skip
-            backups = group.create_task(_backups_part(ctx))
-            runs = group.create_task(_runs_part(ctx))
-            alerts = group.create_task(_alerts_part(ctx))
-            jobs = group.create_task(_jobs_check(ctx))
-            audit = group.create_task(_audit_check(ctx))
-    except ExceptionGroup as failed:
-        raise failed.exceptions[0] from None
-    health_part, statuses = _health_part(ctx, probing.result())
-    backups_part, overdue, backups_check = backups.result()
-    runs_part, runs_snapshot, approvals_check = runs.result()
-    alerts_part, firing = alerts.result()
+    return render_digest(await gather_digest(deps, digest_kind(kind), now=now))
+
+
+def render_digest(facts: DigestFacts) -> Digest:
+    """The message of a gathered digest, and the snapshot the next digest of its kind compares with."""
+    kind, now = facts.kind, facts.now
+    ctx = _Context(kind, now, facts.start, ZoneInfo(facts.timezone), facts.previous)
+    health_part, statuses = _health_part(ctx, facts.health)
+    backups_part, overdue, backups_check = _backups_part(ctx, facts.backups)
+    runs_part, runs_snapshot, approvals_check = _runs_part(ctx, facts.runs)
+    alerts_part, firing = _alerts_part(ctx, facts.alerts)
     checks = [_health_check(statuses)]
-    checks += [c for c in (backups_check, jobs.result(), approvals_check, audit.result()) if c is not None]
-    covered = {"health", "backups"} if deps.backups is not None else {"health"}
+    jobs_check, audit_check = _jobs_check(facts.jobs), _audit_check(facts.audit_broken_at)
+    checks += [c for c in (backups_check, jobs_check, approvals_check, audit_check) if c is not None]
+    covered = {"health", "backups"} if facts.backups is not None else {"health"}
     checklist_part = _checklist_part(ctx, checks, covered)
     found = [
         *health_part.problems,
@@ -696,7 +530,7 @@ async def build_digest(deps: Deps, kind: str, *, now: datetime) -> Digest:
     last = "first digest of this kind" if ctx.previous.at is None else f"last posted {ctx.when(ctx.previous.at)}"
     head = [
         bk.header(title),
-        bk.context(f"Period: {period} ({inventory.timezone}) · {len(statuses)} service(s) probed · {last}"),
+        bk.context(f"Period: {period} ({facts.timezone}) · {len(statuses)} service(s) probed · {last}"),
     ]
     top = _part_blocks(ctx, problems_part)
     blocks = [*head, *top]
@@ -757,9 +591,9 @@ async def digest(ctx: OpsContext, args: DigestArgs) -> Reply:
     reply = digest_reply(found, post=args.post, by=ctx.user_id)
     if args.post:
         # Saved only when posted: a preview must not change what the next posted digest compares with.
-        await ctx.deps.store.save_digest(kind, at=found.at, snapshot=found.snapshot)
+        await save_posted(ctx.deps, kind, at=found.at, snapshot=found.snapshot)
         if kind == "weekly":
-            chart = await weekly_chart(await ctx.deps.store.probe_history(since=found.start), found.start, found.at)
+            chart = await availability_chart(ctx.deps, found.start, found.at)
             if chart is not None:
                 title = f"Availability and p95 latency, {found.start:%Y-%m-%d} to {found.at:%Y-%m-%d}"
                 reply.files.append(Upload(f"opsbot-weekly-{found.at:%Y%m%d}.png", title, chart))

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 from collections import Counter
 
 from pydantic import Field
 
 from handlers import blocks as bk
 from handlers.context import Block, Deps, OpsContext, Reply
-from handlers.registry import CommandArgs, clip_token, subcommand
+from handlers.registry import CommandArgs, resolve_service, subcommand
 from services.access import Risk
-from services.errors import CommandError
-from services.health import ComponentHealth, HealthReport, Status, Target, check_health
-from services.inventory import Inventory
+from services.health import ComponentHealth, HealthReport, Status, check_health
+from services.health import targets_for as targets_for  # kept importable from here (bench/health_fanout.py)
 
 # After this long without a report the caller is told the check is under way.
 PROGRESS_AFTER = 2.0
@@ -23,22 +21,6 @@ PROGRESS_AFTER = 2.0
 class HealthArgs(CommandArgs):
     positional = ("service",)
     service: str = Field("all", max_length=64)
-
-
-def resolve_service(inventory: Inventory, name: str) -> str:
-    """The service called ``name``, or a clear refusal naming the closest ones."""
-    key = name.lower()
-    if key in inventory.services:
-        return key
-    known = sorted(inventory.services)
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
-    listed = ", ".join(f"`{k}`" for k in known[:20]) + (" …" if len(known) > 20 else "")
-    raise CommandError(f"There is no service called `{clip_token(name)}`.{hint} Known services: {listed}.")
-
-
-def targets_for(inventory: Inventory, service: str) -> list[Target]:
-    return [Target(s, c, spec) for s, c, spec in inventory.components() if service == "all" or s == service]
 
 
 @subcommand(

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 
 from pydantic import Field
 
 from handlers import blocks as bk
 from handlers.context import OpsContext, Reply
-from handlers.health import resolve_service
-from handlers.registry import CommandArgs, subcommand
+from handlers.registry import CommandArgs, resolve_service, subcommand
 from services.access import Risk
 from services.approvals import Outcome, Plan, Progress
 from services.errors import CommandError
-from services.inventory import Inventory, JobsTable, PostgresComponent
-from services.jobs import Job, JobsClient, job_facts
+from services.inventory import Inventory, PostgresComponent
+from services.jobs import Job, JobsClient, JobsTarget, job_facts
 from services.redaction import Redactor
 
 RESET_LIMIT = 1000  # jobs one approval may reset; more are left for the next request
@@ -27,19 +25,6 @@ class JobsArgs(CommandArgs):
     positional = ("service", "component")
     service: str = Field(max_length=64)
     component: str | None = Field(None, max_length=64)
-
-
-@dataclass(frozen=True)
-class JobsTarget:
-    """A service's PostgreSQL component that has a jobs table."""
-
-    component: str
-    spec: PostgresComponent
-    table: JobsTable
-
-    def client(self, redactor: Redactor) -> JobsClient:
-        dsn = self.spec.dsn.get_secret_value()
-        return JobsClient(dsn, self.table, timeout=self.spec.timeout, redactor=redactor)
 
 
 def jobs_component(inventory: Inventory, service: str, component: str | None) -> JobsTarget:

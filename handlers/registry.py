@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import shlex
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -9,10 +10,12 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from handlers.context import OpsContext, Reply
+from handlers.context import Block, OpsContext, Reply
 from services.access import Risk
 from services.approvals import Plan
 from services.errors import CommandError
+from services.inventory import Inventory, Role
+from services.state import Approval
 from services.text import escape
 
 MAX_TEXT = 500
@@ -50,6 +53,10 @@ class Subcommand:
     @property
     def synopsis(self) -> str:
         return f"/ops {self.verb} {self.usage}".rstrip()
+
+
+def may_run(roles: frozenset[Role], command: Subcommand) -> bool:
+    return command.risk.required_role in roles
 
 
 class Registry:
@@ -168,6 +175,18 @@ def clip_token(text: str, limit: int = 40) -> str:
     return escape(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
+def resolve_service(inventory: Inventory, name: str) -> str:
+    """The service called ``name``, or a clear refusal naming the closest ones."""
+    key = name.lower()
+    if key in inventory.services:
+        return key
+    known = sorted(inventory.services)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
+    listed = ", ".join(f"`{k}`" for k in known[:20]) + (" …" if len(known) > 20 else "")
+    raise CommandError(f"There is no service called `{clip_token(name)}`.{hint} Known services: {listed}.")
+
+
 # The one registry the bot uses; command modules declare into it with ``@subcommand``.
 registry = Registry()
 subcommand = registry.subcommand
@@ -177,3 +196,7 @@ subcommand = registry.subcommand
 # the command text the click stands for, run as the clicker (registered by the command's module).
 ClickCommand = Callable[[Any, Mapping[str, Any]], Awaitable[str]]
 CLICK_COMMANDS: dict[str, ClickCommand] = {}
+
+# Extra buttons under a finished approval of one action (a failed rollback's roll-forward),
+# registered by the command's module: action -> block or None.
+FOLLOWUPS: dict[str, Callable[[Approval], Block | None]] = {}

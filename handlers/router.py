@@ -11,7 +11,8 @@ import structlog
 from handlers import blocks as bk
 from handlers.approvals import approval_reply
 from handlers.context import Deps, Live, OpsContext, Progress, Reply
-from handlers.registry import Registry, Subcommand, clip_token, parse_args, tokenize
+from handlers.help import help_reply
+from handlers.registry import Registry, clip_token, may_run, parse_args, tokenize
 from services.access import describe
 from services.approvals import Plan
 from services.audit import record_event
@@ -23,26 +24,6 @@ log = structlog.get_logger(__name__)
 
 def new_request_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def may_run(roles: frozenset[Role], command: Subcommand) -> bool:
-    return command.risk.required_role in roles
-
-
-def help_reply(registry: Registry, roles: frozenset[Role]) -> Reply:
-    """Only what the caller may run."""
-    allowed = [c for c in registry if may_run(roles, c)]
-    if not allowed:
-        text = (
-            "You have no opsbot role yet, so there is nothing you can run. "
-            "Ask an opsbot admin to add you to a role in the inventory."
-        )
-        return Reply(text, [bk.section(text)], ephemeral=True)
-    lines = [f"`{c.synopsis}` — {c.help}" for c in allowed]
-    hidden = sum(1 for _ in registry) - len(allowed)
-    note = f"You are {describe(roles)}." + (f" {hidden} more command(s) need a higher role." if hidden else "")
-    blocks = [bk.header("opsbot commands"), *bk.sections(lines), bk.context(note)]
-    return Reply("opsbot commands: " + ", ".join(c.verb for c in allowed), blocks, ephemeral=True)
 
 
 def error_reply(message: str) -> Reply:

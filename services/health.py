@@ -10,7 +10,7 @@ from enum import IntEnum
 from typing import Protocol
 
 from services.failures import network_problem, short_error
-from services.inventory import Component
+from services.inventory import Component, Inventory
 from services.redaction import Redactor
 
 
@@ -62,6 +62,11 @@ class Target:
     @property
     def type(self) -> str:
         return self.spec.type
+
+
+def targets_for(inventory: Inventory, service: str) -> list[Target]:
+    """Every component of ``service`` (of every service for ``all``), as probe targets."""
+    return [Target(s, c, spec) for s, c, spec in inventory.components() if service == "all" or s == service]
 
 
 @dataclass(frozen=True)

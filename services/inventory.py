@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from services.alerts.rules import AlertRule
+from services.alerts.models import AlertRule
 from services.errors import InventoryError
 from services.schedules import ScheduleSpec
 

@@ -13,7 +13,7 @@ import asyncpg  # asyncpg ships no type information
 
 from services.errors import CommandError
 from services.failures import network_problem, short_error
-from services.inventory import JobsTable, secrets_in
+from services.inventory import JobsTable, PostgresComponent, secrets_in
 from services.redaction import Redactor
 
 log = logging.getLogger(__name__)
@@ -351,3 +351,16 @@ class JobsClient:
                 f"{self._say(exc)}."
             ) from None
         return {str(r["given"]): str(r["canonical"]) for r in rows}
+
+
+@dataclass(frozen=True)
+class JobsTarget:
+    """A service's PostgreSQL component that has a jobs table."""
+
+    component: str
+    spec: PostgresComponent
+    table: JobsTable
+
+    def client(self, redactor: Redactor) -> JobsClient:
+        dsn = self.spec.dsn.get_secret_value()
+        return JobsClient(dsn, self.table, timeout=self.spec.timeout, redactor=redactor)

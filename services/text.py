@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 
 def human_bytes(size: float) -> str:
     """``7864320`` → ``"7.5 MB"`` (binary multiples, short names)."""
@@ -12,6 +14,24 @@ def human_bytes(size: float) -> str:
         if size < 1024 or unit == "TB":
             return f"{size:.1f} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def size(n: int | None) -> str:
+    """A byte count in a message (``"4.0 KB"``), ``"?"`` when it is not known."""
+    return "?" if n is None else human_bytes(n)
+
+
+def ago(delta: timedelta) -> str:
+    """How long ago, coarsely: ``"just now"``, ``"12 min ago"``, ``"5 h 3 min ago"``, ``"3 days ago"``."""
+    minutes = int(delta.total_seconds() // 60)
+    if minutes < 1:
+        return "just now"
+    if minutes < 60:
+        return f"{minutes} min ago"
+    hours = minutes // 60
+    if hours < 48:
+        return f"{hours} h {minutes % 60} min ago"
+    return f"{hours // 24} days ago"
 
 
 def human_duration(ms: float) -> str:

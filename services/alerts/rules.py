@@ -1,8 +1,9 @@
-"""Alert rules of the inventory, what one check of a rule finds, and the state machine of an alert.
+"""Evaluating the inventory's alert rules: what one check of a rule finds, and the state machine of an alert.
 
 Modelled on Prometheus alerting: a rule's breach must hold for ``for_minutes`` before the alert
 fires, and (to keep a flapping target from posting again and again) a recovery must hold for
 ``resolve_for_minutes`` before it resolves. Everything here is pure: the watcher passes the time in.
+The rules themselves are the inventory's models, in ``services.alerts.models`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal, Protocol
-
-from pydantic import BaseModel, ByteSize, ConfigDict, Field
+from typing import Protocol, assert_never
 
 from services.alerts.metrics import (
     MetricsError,
@@ -22,6 +21,15 @@ from services.alerts.metrics import (
     latency_quantile,
     seconds_between,
     window_scrapes,
+)
+from services.alerts.models import (
+    AlertRule,
+    Comparison,
+    DownRule,
+    ErrorRateRule,
+    LatencyRule,
+    RedisMemoryRule,
+    SizeLimitRule,
 )
 from services.text import human_bytes
 
@@ -42,10 +50,9 @@ __all__ = [
     "Transition",
     "TransitionKind",
     "Verdict",
+    "check",
     "evaluate",
 ]
-
-Severity = Literal["warning", "critical"]
 
 
 class Verdict(StrEnum):
@@ -64,20 +71,6 @@ class Condition:
     verdict: Verdict
     evidence: str
     value: float | None = None
-
-
-class Comparison(StrEnum):
-    """How a figure is held against its threshold; each rule kind fixes its own, after the runbooks."""
-
-    ABOVE = ">"
-    AT_OR_ABOVE = ">="
-
-    def breached(self, value: float, threshold: float) -> bool:
-        return value > threshold if self is Comparison.ABOVE else value >= threshold
-
-    @property
-    def words(self) -> str:
-        return "above" if self is Comparison.ABOVE else "at or above"
 
 
 @dataclass(frozen=True)
@@ -100,174 +93,86 @@ class Observation:
     """The limit the probe found (a disk's size); a rule's own ``limit`` wins over it."""
 
 
-class _Rule(BaseModel):
-    """What every rule kind has: a name, how long a breach and a recovery must hold, a severity."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
-        description="Name of the alert; default the kind's, e.g. HighErrorRate. Two rules of one kind need names.",
-    )
-    for_minutes: float = Field(5, ge=0, le=1440, description="Minutes a breach must hold before the alert fires.")
-    resolve_for_minutes: float | None = Field(
-        None, ge=0, le=1440, description="Minutes a recovery must hold before the alert resolves (default for_minutes)."
-    )
-    severity: Severity = "warning"
-
-    title: ClassVar[str]
-    comparison: ClassVar[Comparison]
-
-    @property
-    def alert_name(self) -> str:
-        return self.name or self.title
-
-    @property
-    def hold(self) -> timedelta:
-        return timedelta(minutes=self.for_minutes)
-
-    @property
-    def resolve_hold(self) -> timedelta:
-        return timedelta(minutes=self.for_minutes if self.resolve_for_minutes is None else self.resolve_for_minutes)
-
-    def key(self, service: str, component: str) -> str:
-        """The alert's identity in the state store and in silences: ``shop/api/HighErrorRate``."""
-        return f"{service}/{component}/{self.alert_name}"
-
-    def check(self, observation: Observation) -> Condition:
-        """Hold this round's observation against the rule."""
-        raise NotImplementedError
+def check(rule: AlertRule, observation: Observation) -> Condition:
+    """Hold this round's observation against the rule."""
+    match rule:
+        case DownRule():
+            return _check_down(observation)
+        case ErrorRateRule():
+            return _check_error_rate(rule, observation)
+        case LatencyRule():
+            return _check_latency(rule, observation)
+        case RedisMemoryRule():
+            return _check_redis_memory(rule, observation)
+        case SizeLimitRule():
+            return _check_size_limit(rule, observation)
+        case _:  # pragma: no cover - every kind is matched above
+            assert_never(rule)
 
 
-class DownRule(_Rule):
-    """ServiceDown (runbook 004): the target does not answer for ``for_minutes`` (≥ 1 min)."""
-
-    kind: Literal["down"]
-    for_minutes: float = Field(1, ge=0, le=1440, description="Minutes the target must be down before the alert fires.")
-    severity: Severity = "critical"
-
-    title: ClassVar[str] = "ServiceDown"
-    comparison: ClassVar[Comparison] = Comparison.AT_OR_ABOVE  # of the time down against for_minutes
-
-    def check(self, observation: Observation) -> Condition:
-        """Unreachable is a breach here, and only here: other rules cannot judge what they cannot see."""
-        if observation.reachable:
-            return Condition(Verdict.OK, "answering")
-        detail = f": {observation.detail}" if observation.detail else ""
-        return Condition(Verdict.BREACH, f"not answering{detail}")
+def _check_down(observation: Observation) -> Condition:
+    """Unreachable is a breach here, and only here: other rules cannot judge what they cannot see."""
+    if observation.reachable:
+        return Condition(Verdict.OK, "answering")
+    detail = f": {observation.detail}" if observation.detail else ""
+    return Condition(Verdict.BREACH, f"not answering{detail}")
 
 
-class ErrorRateRule(_Rule):
-    """HighErrorRate: the share of 5xx responses over a window is above ``threshold_pct`` (> 5 %)."""
-
-    kind: Literal["error_rate"]
-    threshold_pct: float = Field(5, gt=0, lt=100)
-    window_seconds: float = Field(300, ge=10, le=86400, description="Window the ratio is computed over.")
-    metric: str = Field("http_requests_total", min_length=1, description="Counter of requests, by status.")
-    status_label: str = Field("status", min_length=1)
-    match: dict[str, str] = Field(default_factory=dict, description="Only series with these label values.")
-
-    title: ClassVar[str] = "HighErrorRate"
-    comparison: ClassVar[Comparison] = Comparison.ABOVE
-
-    def check(self, observation: Observation) -> Condition:
-        """The ratio between the newest scrape and one about ``window_seconds`` older."""
-        pair = _scrape_pair(observation, self.window_seconds)
-        if isinstance(pair, Condition):
-            return pair
-        try:
-            ratio = error_ratio(*pair, metric=self.metric, status_label=self.status_label, match=self.match or None)
-        except MetricsError as exc:
-            return Condition(Verdict.UNKNOWN, str(exc))
-        if ratio is None:
-            return Condition(Verdict.OK, f"no requests {_window_words(pair)}", 0.0)
-        # Cross-multiplied so that exactly 5 of 100 is exactly 5 %, whatever the float rounding.
-        breached = self.comparison.breached(ratio.errors * 100, self.threshold_pct * ratio.total)
-        evidence = f"{ratio.evidence}; alerts {self.comparison.words} {self.threshold_pct:g} %"
-        return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, ratio.pct)
+def _check_error_rate(rule: ErrorRateRule, observation: Observation) -> Condition:
+    """The ratio between the newest scrape and one about ``window_seconds`` older."""
+    pair = _scrape_pair(observation, rule.window_seconds)
+    if isinstance(pair, Condition):
+        return pair
+    try:
+        ratio = error_ratio(*pair, metric=rule.metric, status_label=rule.status_label, match=rule.match or None)
+    except MetricsError as exc:
+        return Condition(Verdict.UNKNOWN, str(exc))
+    if ratio is None:
+        return Condition(Verdict.OK, f"no requests {_window_words(pair)}", 0.0)
+    # Cross-multiplied so that exactly 5 of 100 is exactly 5 %, whatever the float rounding.
+    breached = rule.comparison.breached(ratio.errors * 100, rule.threshold_pct * ratio.total)
+    evidence = f"{ratio.evidence}; alerts {rule.comparison.words} {rule.threshold_pct:g} %"
+    return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, ratio.pct)
 
 
-class LatencyRule(_Rule):
-    """HighLatency (p95 > 2 s) or HighLLMLatency (p95 > 60 s of llm_latency_seconds) from a histogram."""
-
-    kind: Literal["latency_p95"]
-    threshold_seconds: float = Field(2, gt=0)
-    metric: str = Field("http_request_duration_seconds", min_length=1, description="Histogram, without _bucket.")
-    window_seconds: float = Field(300, ge=10, le=86400, description="Window the quantile is computed over.")
-    match: dict[str, str] = Field(default_factory=dict, description="Only series with these label values.")
-
-    title: ClassVar[str] = "HighLatency"
-    comparison: ClassVar[Comparison] = Comparison.ABOVE
-    quantile: ClassVar[float] = 0.95
-
-    def check(self, observation: Observation) -> Condition:
-        """The p95 between the newest scrape and one about ``window_seconds`` older."""
-        pair = _scrape_pair(observation, self.window_seconds)
-        if isinstance(pair, Condition):
-            return pair
-        try:
-            found = latency_quantile(self.quantile, *pair, metric=self.metric, match=self.match or None)
-        except MetricsError as exc:
-            return Condition(Verdict.UNKNOWN, str(exc))
-        if found is None:
-            return Condition(Verdict.OK, f"no requests {_window_words(pair)}")
-        breached = self.comparison.breached(found.seconds, self.threshold_seconds)
-        if found.above_buckets and found.seconds >= self.threshold_seconds:
-            # The true quantile lies past the largest bucket, so past a threshold at that bound too.
-            breached = True
-        evidence = f"{found.evidence}; alerts {self.comparison.words} {_seconds(self.threshold_seconds)}"
-        return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, found.seconds)
+def _check_latency(rule: LatencyRule, observation: Observation) -> Condition:
+    """The p95 between the newest scrape and one about ``window_seconds`` older."""
+    pair = _scrape_pair(observation, rule.window_seconds)
+    if isinstance(pair, Condition):
+        return pair
+    try:
+        found = latency_quantile(rule.quantile, *pair, metric=rule.metric, match=rule.match or None)
+    except MetricsError as exc:
+        return Condition(Verdict.UNKNOWN, str(exc))
+    if found is None:
+        return Condition(Verdict.OK, f"no requests {_window_words(pair)}")
+    breached = rule.comparison.breached(found.seconds, rule.threshold_seconds)
+    if found.above_buckets and found.seconds >= rule.threshold_seconds:
+        # The true quantile lies past the largest bucket, so past a threshold at that bound too.
+        breached = True
+    evidence = f"{found.evidence}; alerts {rule.comparison.words} {_seconds(rule.threshold_seconds)}"
+    return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, found.seconds)
 
 
-class RedisMemoryRule(_Rule):
-    """Redis memory used against ``maxmemory`` is above ``threshold_pct`` (runbook 000: memory > 80 %)."""
-
-    kind: Literal["redis_memory"]
-    threshold_pct: float = Field(80, gt=0, le=100)
-
-    title: ClassVar[str] = "RedisMemoryHigh"
-    comparison: ClassVar[Comparison] = Comparison.ABOVE
-
-    def check(self, observation: Observation) -> Condition:
-        """No ``maxmemory`` means Redis has no limit to approach: that is fine, not unknown."""
-        used, limit = observation.memory_used_bytes, observation.memory_max_bytes
-        if not observation.reachable or used is None or limit is None:
-            return _unseen(observation, "Redis memory")
-        if limit == 0:
-            return Condition(Verdict.OK, f"memory {human_bytes(used)}, no maxmemory set")
-        return _share(self.comparison, self.threshold_pct, used, limit, "memory")
+def _check_redis_memory(rule: RedisMemoryRule, observation: Observation) -> Condition:
+    """No ``maxmemory`` means Redis has no limit to approach: that is fine, not unknown."""
+    used, limit = observation.memory_used_bytes, observation.memory_max_bytes
+    if not observation.reachable or used is None or limit is None:
+        return _unseen(observation, "Redis memory")
+    if limit == 0:
+        return Condition(Verdict.OK, f"memory {human_bytes(used)}, no maxmemory set")
+    return _share(rule.comparison, rule.threshold_pct, used, limit, "memory")
 
 
-class SizeLimitRule(_Rule):
-    """A disk or a database near its limit (runbook 001: disk ≥ 90 %): at exactly 90 % it fires."""
-
-    kind: Literal["size_limit"]
-    threshold_pct: float = Field(90, gt=0, le=100)
-    limit: ByteSize | None = Field(
-        None, description="A fixed limit such as 10GB (a database plan); default the size the probe reports."
-    )
-    subject: str = Field("disk", min_length=1, max_length=40, description="What is measured, for the message.")
-
-    title: ClassVar[str] = "SizeNearLimit"
-    comparison: ClassVar[Comparison] = Comparison.AT_OR_ABOVE
-
-    def check(self, observation: Observation) -> Condition:
-        """The used size against the rule's limit, or else the one the probe found."""
-        used = observation.size_used_bytes
-        limit = self.limit if self.limit is not None else observation.size_limit_bytes
-        if not observation.reachable or used is None:
-            return _unseen(observation, f"the {self.subject} size")
-        if not limit:
-            return Condition(Verdict.UNKNOWN, f"no limit known for the {self.subject} ({human_bytes(used)} used)")
-        return _share(self.comparison, self.threshold_pct, used, int(limit), self.subject)
-
-
-AlertRule = Annotated[
-    DownRule | ErrorRateRule | LatencyRule | RedisMemoryRule | SizeLimitRule,
-    Field(discriminator="kind"),
-]
-"""One alert rule of the inventory, told apart by ``kind``."""
+def _check_size_limit(rule: SizeLimitRule, observation: Observation) -> Condition:
+    """The used size against the rule's limit, or else the one the probe found."""
+    used = observation.size_used_bytes
+    limit = rule.limit if rule.limit is not None else observation.size_limit_bytes
+    if not observation.reachable or used is None:
+        return _unseen(observation, f"the {rule.subject} size")
+    if not limit:
+        return Condition(Verdict.UNKNOWN, f"no limit known for the {rule.subject} ({human_bytes(used)} used)")
+    return _share(rule.comparison, rule.threshold_pct, used, int(limit), rule.subject)
 
 
 def _scrape_pair(observation: Observation, window_seconds: float) -> tuple[Scrape, Scrape] | Condition:

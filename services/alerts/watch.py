@@ -28,6 +28,7 @@ from services.alerts.rules import (
     Silence,
     Transition,
     TransitionKind,
+    check,
     evaluate,
 )
 from services.failures import network_problem, short_error
@@ -185,7 +186,7 @@ class Watcher:
                 key = rule.key(w.target.service, w.target.component)
                 before = stored.get(key)
                 state = state_from_json(before.state, key) if before else AlertState(key=key)
-                state, transition = evaluate(state, rule.check(observation), now, rule=rule, silences=silences)
+                state, transition = evaluate(state, check(rule, observation), now, rule=rule, silences=silences)
                 # The state machine starts over on resolve; the digest still wants to know it happened.
                 kept = {k: v for k, v in (before.state if before else {}).items() if k in _HISTORY_KEYS}
                 if transition is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from services.errors import CommandError
@@ -85,6 +86,16 @@ class Stored:
     sha256: str  # hex digest of the stored bytes
 
 
+@dataclass(frozen=True)
+class Partial:
+    """An unfinished object a writer left behind: a ``….partial-*`` file or an S3 multipart upload."""
+
+    key: str  # the key of the object it was to become (a manifest's partial: the object's key)
+    ref: str  # what removes it: the file's path relative to the root, or the upload id
+    location: str  # for people: the file's path, or "multipart upload … of s3://…"
+    modified: datetime  # the last time its writer added to it (UTC)
+
+
 class Destination(Protocol):
     """Where artifacts are kept: a local directory or an S3 bucket."""
 
@@ -121,6 +132,14 @@ class Destination(Protocol):
 
     async def keys(self, prefix: str) -> list[str]:
         """Keys of complete objects under ``prefix`` (manifests and partial uploads excluded)."""
+        ...
+
+    async def partials(self, prefix: str) -> list[Partial]:
+        """Unfinished objects under ``prefix``: what writers are writing or a killed one left."""
+        ...
+
+    async def remove_partial(self, partial: Partial) -> None:
+        """Delete a partial file or abort a multipart upload (gone already is not an error)."""
         ...
 
     async def close(self) -> None:

@@ -14,11 +14,13 @@ import io
 import os
 import re
 import secrets
+import stat
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, TypeVar
 
-from services.backup.base import CHUNK, BackupError, Stored, manifest_key
+from services.backup.base import CHUNK, BackupError, Partial, Stored, manifest_key
 from services.backup.codec import close_stream
 
 _PARTIAL = re.compile(r"\.partial-[0-9a-f]{12}$")
@@ -203,10 +205,7 @@ class LocalDirectory:
 
     async def keys(self, prefix: str) -> list[str]:
         """Complete objects whose key starts with ``prefix`` (a string prefix, as in S3), sorted."""
-        check_key(prefix, prefix=True)
-        # Walk only the deepest directory the prefix names; its last part may be a name's start.
-        directory = prefix.rpartition("/")[0]
-        top = self.root.joinpath(*PurePosixPath(directory).parts) if directory else self.root
+        top = self._top(prefix)  # walk only the directory the prefix names
 
         def walk() -> list[str]:
             found: list[str] = []
@@ -222,6 +221,48 @@ class LocalDirectory:
             return sorted(found)
 
         return await _blocking(walk)
+
+    def _top(self, prefix: str) -> Path:
+        """The deepest directory ``prefix`` names (its last part may be the start of a name)."""
+        check_key(prefix, prefix=True)
+        directory = prefix.rpartition("/")[0]
+        return self.root.joinpath(*PurePosixPath(directory).parts) if directory else self.root
+
+    async def partials(self, prefix: str) -> list[Partial]:
+        """The ``….partial-*`` files (objects and manifests) whose key starts with ``prefix``; their
+        time is the file's mtime, which a live writer moves with every chunk."""
+        top = self._top(prefix)
+
+        def walk() -> list[Partial]:
+            found: list[Partial] = []
+            for parent, dirs, files in os.walk(top):
+                dirs.sort()
+                base = Path(parent).relative_to(self.root).as_posix()
+                for name in files:
+                    match = _PARTIAL.search(name)
+                    if match is None:
+                        continue
+                    ref = name if base == "." else f"{base}/{name}"
+                    key = ref[: len(ref) - len(match.group())].removesuffix(_MANIFEST_SUFFIX)
+                    if not key.startswith(prefix):
+                        continue
+                    try:
+                        info = os.lstat(os.path.join(parent, name))
+                    except FileNotFoundError:  # its writer renamed or removed it just now
+                        continue
+                    if stat.S_ISREG(info.st_mode):
+                        path = str(Path(parent, name))
+                        found.append(Partial(key, ref, path, datetime.fromtimestamp(info.st_mtime, UTC)))
+            return sorted(found, key=lambda p: p.ref)
+
+        return await _blocking(walk)
+
+    async def remove_partial(self, partial: Partial) -> None:
+        """Delete one partial file; a name that is not a partial one is refused (ValueError)."""
+        if _PARTIAL.search(partial.ref) is None:
+            raise ValueError(f"{partial.ref!r} is not a partial file")
+        path = self._path(partial.ref)
+        await _blocking(lambda: path.unlink(missing_ok=True))
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -13,18 +13,19 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import structlog
 
+from services.audit import record_event
 from services.backup import codec as codecs
-from services.backup.base import BackupError, Destination, Source
+from services.backup.base import BackupError, Destination, Partial, Source, Stored
 from services.backup.cloudsql import BackupRun, CloudSqlAdmin, GoogleDefaultToken, StaticToken, TokenProvider
 from services.backup.sources import STREAMED_TYPES, destination_for, source_for
 from services.errors import CommandError
@@ -37,8 +38,13 @@ from services.state import BackupRecord, BackupState, StateStore
 log = structlog.get_logger(__name__)
 
 PROGRESS_EVERY = 3.0  # seconds between progress reports of one backup
-STALE_AFTER = timedelta(minutes=1)  # a running backup without its lock this long is dead
+HEARTBEAT_EVERY = 30.0  # longest wait between two renewals of a running backup's heartbeat
+PARTIALS_EVERY = timedelta(minutes=1)  # a process looks for left-behind partial objects at most this often
+PARTIALS_TIMEOUT = 20.0  # seconds one destination may take to list and remove them (unreachable: next time)
+SWEEPER = "opsbot"  # the audit log's actor for what the sweep does
 MANIFEST_FORMAT = 1
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,16 @@ def lock_key(service: str, component: str) -> str:
     return f"backup:{service}:{component}"
 
 
+def backup_id_of(key: str) -> str | None:
+    """The backup id in an object key the runner made (``service/component/<id>.<ext>``), else None."""
+    parts = key.split("/")
+    if len(parts) != 3:
+        return None
+    service, component, name = parts
+    backup_id = name.split(".", 1)[0]
+    return backup_id if backup_id.startswith(f"{service}-{component}-") else None
+
+
 def _opsbot_version() -> str:
     try:
         return metadata.version("opsbot")
@@ -103,6 +119,7 @@ class BackupRunner:
         http: aiohttp.ClientSession | None = None,
         clock: Callable[[], datetime] = utcnow,
         progress_every: float = PROGRESS_EVERY,
+        heartbeat_every: float | None = None,
     ) -> None:
         self.store = store
         self.inventory = inventory
@@ -111,12 +128,24 @@ class BackupRunner:
         self.redactor = redactor
         self.clock = clock
         self.progress_every = progress_every
+        self._heartbeat_every = heartbeat_every
         self._base_dir = base_dir
         self._destinations: dict[str, Destination] = {}
         self._http = http
         self._google_tokens: TokenProvider | None = None
+        self._partials_swept: dict[str | None, datetime] = {}  # by service (None: all), when last looked
 
     # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def stale_after(self) -> timedelta:
+        """How long a running backup's heartbeat may go unrenewed before it is taken for dead."""
+        return timedelta(seconds=self.settings.stall_timeout)
+
+    @property
+    def heartbeat_every(self) -> float:
+        """Seconds between renewals: several per ``stale_after``, so one slow write is no death."""
+        return self._heartbeat_every or min(self.settings.stall_timeout / 4, HEARTBEAT_EVERY)
 
     def destination(self, name: str) -> Destination:
         """The destination called ``name`` (opened on first use)."""
@@ -231,13 +260,15 @@ class BackupRunner:
             codec=codec,
             state=BackupState.RUNNING,
             started_at=started,
+            heartbeat_at=started,
         )
         await self.store.create_backup(record)
         log.info("backup_started", backup=backup_id, service=service, component=component, trigger=trigger)
         clock_start = time.monotonic()
-        raw = codecs.Meter(source.dump())
-        ticker = asyncio.create_task(self._report(raw, record, clock_start, progress))
-        try:
+
+        async def store_artifact() -> tuple[Stored, dict[str, Any], datetime]:
+            raw = codecs.Meter(source.dump())
+            ticker = asyncio.create_task(self._report(raw, record, clock_start, progress))
             try:
                 stored = await destination.write(key, codecs.compress(raw, codec))
             finally:
@@ -266,6 +297,10 @@ class BackupRunner:
                 "duration_seconds": round(time.monotonic() - clock_start, 3),
             }
             await destination.put_manifest(key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+            return stored, manifest, finished
+
+        try:
+            stored, manifest, finished = await self._while_alive(backup_id, store_artifact())
         except BaseException as exc:
             message = self._failure(exc)
             with contextlib.suppress(Exception):
@@ -306,11 +341,13 @@ class BackupRunner:
         record = BackupRecord(
             id=backup_id, service=service, component=component, source="cloudsql", trigger=trigger,
             requested_by=requested_by, destination="cloudsql", key="", location=admin.describe(), codec="none",
-            state=BackupState.RUNNING, started_at=started,
+            state=BackupState.RUNNING, started_at=started, heartbeat_at=started,
         )  # fmt: skip
         await self.store.create_backup(record)
         try:
-            run = await admin.create_backup(f"opsbot {backup_id} ({trigger}, {requested_by})")
+            run = await self._while_alive(
+                backup_id, admin.create_backup(f"opsbot {backup_id} ({trigger}, {requested_by})")
+            )
         except BaseException as exc:
             message = self._failure(exc)
             with contextlib.suppress(Exception):
@@ -325,6 +362,41 @@ class BackupRunner:
         if done is None:
             raise BackupError(f"The backup `{backup_id}` finished, but the catalog had already marked it failed.")
         return done
+
+    async def _while_alive(self, backup_id: str, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``work`` while renewing the backup's heartbeat in the catalog, so other processes
+        know it has a live writer. If the catalog stops calling it running (another process took it
+        for dead: its heartbeat could not be written for a while), ``work`` is stopped."""
+        task = asyncio.create_task(work)
+        beat = asyncio.create_task(self._heartbeat(backup_id))
+        try:
+            await asyncio.wait({task, beat}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+                if task.cancelled():
+                    raise BackupError("another process marked it failed (its heartbeat had stopped), so it was stopped")
+            return task.result()
+        finally:
+            beat.cancel()
+            if not task.done():  # we are cancelled: stop the work, and let its clean-up finish first
+                task.cancel()
+                await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # retrieved: when we are cancelled, nothing else looks at it
+            await asyncio.wait({beat})
+
+    async def _heartbeat(self, backup_id: str) -> None:
+        """Renew the heartbeat every ``heartbeat_every`` seconds; return once the backup is no longer
+        running in the catalog. A failed renewal is logged and tried again at the next beat."""
+        while True:
+            await asyncio.sleep(self.heartbeat_every)
+            try:
+                if not await self.store.renew_backup(backup_id, at=self.clock()):
+                    log.warning("backup_no_longer_running", backup=backup_id)
+                    return
+            except Exception:
+                log.warning("backup_heartbeat_failed", backup=backup_id, exc_info=True)
 
     def _failure(self, exc: BaseException) -> str:
         if isinstance(exc, CommandError):
@@ -521,22 +593,85 @@ class BackupRunner:
             log.info("retention_applied", service=service, component=component, deleted=deleted)
         return deleted
 
-    async def sweep(self) -> list[BackupRecord]:
-        """Mark failed the running backups whose writer is gone (no lock held, older than a minute)."""
+    async def sweep(self, *, service: str | None = None) -> list[BackupRecord]:
+        """Fail the running backups no process is writing any more, then remove the partial objects
+        of backups that are not running; each step audited and logged. ``service``: only its own.
+
+        Locks are per process without Redis, so "nobody here holds its lock" proves nothing. A
+        backup is dead when its writer has not renewed the heartbeat for ``stall_timeout``: a live
+        one renews it every ``heartbeat_every`` seconds, and a dump stuck that long is stopped anyway.
+        """
         now = self.clock()
+        request_id = secrets.token_hex(6)
         failed: list[BackupRecord] = []
-        for record in await self.store.list_backups(states=[BackupState.RUNNING], limit=1000):
-            if now - record.started_at < STALE_AFTER:
+        for record in await self.store.list_backups(service=service, states=[BackupState.RUNNING], limit=1000):
+            beat = record.heartbeat_at or record.started_at  # rows from before heartbeats: their start
+            if now - beat < self.stale_after or await self._held_here(record):
                 continue
-            if await self.locks.holder(lock_key(record.service, record.component)) == record.id:
-                continue
-            done = await self.store.finish_backup(
-                record.id, BackupState.FAILED, at=now, error="interrupted: the bot stopped while writing it"
-            )
+            error = f"the process running it stopped: no heartbeat since {beat:%Y-%m-%d %H:%M:%S} UTC"
+            done = await self.store.finish_backup(record.id, BackupState.FAILED, at=now, error=error)
             if done is not None:
-                log.warning("backup_interrupted", backup=record.id)
+                log.warning("backup_interrupted", backup=record.id, heartbeat=beat.isoformat())
+                await self._audit(request_id, record.service, record.id, f"marked {record.id} failed: {error}")
                 failed.append(done)
+        await self._sweep_partials(now, service, request_id)
         return failed
+
+    async def sweep_quietly(self) -> None:
+        """:meth:`sweep` for a process that came to do something else (``opsbot run``, the console):
+        a failure is logged, never raised, so the command still runs and answers."""
+        try:
+            await self.sweep()
+        except Exception:
+            log.exception("backup_sweep_failed")
+
+    async def _held_here(self, record: BackupRecord) -> bool:
+        """Whether the backup's own lock is held for it (by this process; with Redis, by any)."""
+        try:
+            return await self.locks.holder(lock_key(record.service, record.component)) == record.id
+        except CommandError:  # the lock service is not answering: no proof either way, so wait
+            return True
+
+    async def _sweep_partials(self, now: datetime, service: str | None, request_id: str) -> None:
+        """Look through every destination for partial objects to remove (at most every PARTIALS_EVERY)."""
+        looked = [at for scope, at in self._partials_swept.items() if scope in (service, None)]
+        if looked and timedelta(0) <= now - max(looked) < PARTIALS_EVERY:
+            return
+        self._partials_swept[service] = now
+        prefix = f"{service}/" if service else ""
+        for name in self.settings.destinations:
+            try:
+                async with asyncio.timeout(PARTIALS_TIMEOUT):
+                    await self._remove_partials(self.destination(name), prefix, now, request_id)
+            except Exception:  # unreachable or unreadable: the next sweep tries again
+                log.warning("backup_partials_sweep_failed", destination=name, exc_info=True)
+
+    async def _remove_partials(self, destination: Destination, prefix: str, now: datetime, request_id: str) -> None:
+        """Remove the partial objects untouched for ``stall_timeout`` whose backup is not running."""
+        for partial in await destination.partials(prefix):
+            backup_id = backup_id_of(partial.key)
+            if backup_id is None or now - partial.modified < self.stale_after:
+                continue  # not a name the runner gives, or written to lately
+            record = await self.store.get_backup(backup_id)
+            if record is not None and record.state is BackupState.RUNNING:
+                continue  # a live writer's, or a dead one's that the heartbeat rule fails first
+            why = f"backup {backup_id} is {record.state.value}" if record else f"backup {backup_id} is not catalogued"
+            await destination.remove_partial(partial)
+            done = "aborted" if destination.kind == "s3" else "deleted"
+            log.warning("backup_partial_removed", destination=destination.name, location=partial.location, why=why)
+            await self._audit(
+                request_id, partial.key.split("/", 1)[0], backup_id, self._partial_line(done, partial, now, why)
+            )
+
+    def _partial_line(self, done: str, partial: Partial, now: datetime, why: str) -> str:
+        idle = int((now - partial.modified).total_seconds())
+        return f"{done} the partial {partial.location} (untouched for {idle} s; {why})"
+
+    async def _audit(self, request_id: str, service: str, args: str, detail: str) -> None:
+        await record_event(
+            self.store, self.redactor, request_id=request_id, actor=SWEEPER, command="backup sweep",
+            args=args, channel="", outcome="ok", service=service, detail=detail,
+        )  # fmt: skip
 
     async def close(self) -> None:
         for destination in self._destinations.values():

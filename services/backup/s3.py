@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import boto3  # type: ignore[import-untyped]  # boto3 and botocore ship no type information
@@ -30,7 +31,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
     ReadTimeoutError,
 )
 
-from services.backup.base import CHUNK, BackupError, Stored, manifest_key
+from services.backup.base import CHUNK, BackupError, Partial, Stored, manifest_key
 from services.backup.codec import close_stream
 from services.backup.directory import check_key
 from services.clients import ThreadedClient, aws_error_code, public_endpoint
@@ -288,6 +289,55 @@ class S3Destination:
             return sorted(found)
 
         return await self._run(f"Listing s3://{self.bucket}/{base}{prefix}", listing)
+
+    async def partials(self, prefix: str) -> list[Partial]:
+        """Multipart uploads in progress under ``prefix``; their time is when the newest part
+        arrived (or the upload began, before its first part)."""
+        check_key(prefix, prefix=True)
+        base = f"{self.prefix}/" if self.prefix else ""
+        client = await self._get_client()
+
+        def last_activity(name: str, upload_id: str, initiated: datetime) -> datetime | None:
+            newest = initiated
+            try:
+                for page in client.get_paginator("list_parts").paginate(
+                    Bucket=self.bucket, Key=name, UploadId=upload_id
+                ):
+                    for part in page.get("Parts", []):
+                        newest = max(newest, part["LastModified"])
+            except ClientError as exc:
+                if aws_error_code(exc) == "NoSuchUpload":  # completed or aborted just now
+                    return None
+                raise
+            return newest.astimezone(UTC)
+
+        def listing() -> list[Partial]:
+            found: list[Partial] = []
+            paginator = client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base + prefix):
+                for upload in page.get("Uploads", []):
+                    name, upload_id = str(upload["Key"]), str(upload["UploadId"])
+                    modified = last_activity(name, upload_id, upload["Initiated"])
+                    if modified is not None:
+                        where = f"multipart upload {upload_id[:16]}… of s3://{self.bucket}/{name}"
+                        found.append(Partial(name[len(base) :], upload_id, where, modified))
+            return sorted(found, key=lambda p: (p.key, p.ref))
+
+        return await self._run(f"Listing the uploads in progress in s3://{self.bucket}/{base}{prefix}", listing)
+
+    async def remove_partial(self, partial: Partial) -> None:
+        """Abort one multipart upload, so its parts stop costing money."""
+        object_key = self._object_key(partial.key)
+        client = await self._get_client()
+
+        def abort() -> None:
+            try:
+                client.abort_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=partial.ref)
+            except ClientError as exc:
+                if aws_error_code(exc) != "NoSuchUpload":
+                    raise
+
+        await self._run(f"Aborting the {partial.location}", abort)
 
     async def close(self) -> None:
         """Close the client we made (its connection pool) and stop the executor."""

@@ -16,8 +16,8 @@ from services.state.base import (
     Vote,
     VoteResult,
     chain_hash,
-    open_state_store,
 )
+from services.state.factory import open_state_store
 from services.state.postgres import PostgresStateStore
 from services.state.sqlite import SqliteStateStore
 

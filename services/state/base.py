@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import AsyncIterable, AsyncIterator, Collection
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
@@ -274,7 +273,8 @@ class BackupRecord:
     """One backup in the catalog: where it is, what it holds, and whether it can be trusted.
 
     Only ``good`` backups have a complete object and manifest at ``location``; a ``running`` row
-    whose writer died is turned ``failed`` by the sweeper.
+    whose writer died is turned ``failed`` by the sweeper. The writer renews ``heartbeat_at`` while
+    it works, so any process sharing the catalog can tell a live writer from a dead one.
     """
 
     id: str
@@ -296,6 +296,7 @@ class BackupRecord:
     error: str = ""
     verified_at: datetime | None = None
     verify_result: str = ""
+    heartbeat_at: datetime | None = None  # last renewed by the writer while running (None: never)
 
     @property
     def duration(self) -> float | None:
@@ -306,7 +307,7 @@ class BackupRecord:
 
 BACKUP_COLUMNS = (
     "id, service, component, source, trigger, requested_by, destination, object_key, location, codec,"
-    " state, started_at, finished_at, size, sha256, manifest, error, verified_at, verify_result"
+    " state, started_at, finished_at, size, sha256, manifest, error, verified_at, verify_result, heartbeat_at"
 )
 
 
@@ -332,13 +333,14 @@ def backup_row(record: BackupRecord, ts: Any) -> tuple[object, ...]:
         record.error,
         ts(record.verified_at),
         record.verify_result,
+        ts(record.heartbeat_at),
     )
 
 
 def backup_from_row(row: Any, when: Any) -> BackupRecord:
     """A backup from a row in ``BACKUP_COLUMNS`` order; ``when`` converts stored times back."""
     (id_, service, component, source, trigger, requested_by, destination, key, location, codec, state,
-     started, finished, size, sha256, manifest, error, verified, verify_result) = tuple(row)  # fmt: skip
+     started, finished, size, sha256, manifest, error, verified, verify_result, heartbeat) = tuple(row)  # fmt: skip
     return BackupRecord(
         id=id_,
         service=service,
@@ -359,6 +361,7 @@ def backup_from_row(row: Any, when: Any) -> BackupRecord:
         error=error,
         verified_at=when(verified),
         verify_result=verify_result,
+        heartbeat_at=when(heartbeat),
     )
 
 
@@ -490,6 +493,9 @@ class StateStore(Protocol):
     ) -> BackupRecord | None:
         """Compare-and-set a ``running`` backup to ``good`` or ``failed``; None if it was not running."""
 
+    async def renew_backup(self, backup_id: str, *, at: datetime) -> bool:
+        """Stamp a ``running`` backup's heartbeat with ``at``; False if it is no longer running."""
+
     async def get_backup(self, backup_id: str) -> BackupRecord | None:
         """The backup with this id, or None."""
 
@@ -549,15 +555,6 @@ class StateStore(Protocol):
         """Release connections; the store is unusable afterwards."""
 
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-
-
-def _describe_url(url: str) -> str:
-    """Name the scheme of a rejected URL without echoing anything that could hold a secret."""
-    match = _SCHEME.match(url)
-    return f"scheme {match.group(1)!r}" if match else "a value that is not a URL"
-
-
 def sqlite_path_from_url(url: str) -> Path | None:
     """The SQLite file named by a ``sqlite:`` URL, or None when ``url`` is not a SQLite URL."""
     if not url.startswith("sqlite:"):
@@ -570,21 +567,3 @@ def sqlite_path_from_url(url: str) -> Path | None:
     if not rest or "?" in rest or rest.endswith("/"):
         raise ValueError("a sqlite state store URL must name a file: sqlite:///abs/path.db or sqlite:relative.db")
     return Path(rest)
-
-
-async def open_state_store(url: str | None, *, default_path: Path) -> StateStore:
-    """SQLite at ``default_path`` (or a sqlite:/// URL), PostgreSQL for a postgres DSN; migrated."""
-    # Imported here because each backend module imports this one.
-    from services.state.postgres import PostgresStateStore
-    from services.state.sqlite import SqliteStateStore
-
-    if not url:
-        return await SqliteStateStore.open(default_path)
-    if (path := sqlite_path_from_url(url)) is not None:
-        return await SqliteStateStore.open(path)
-    if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresStateStore.open(url)
-    raise ValueError(
-        f"unsupported state store URL ({_describe_url(url)}): "
-        "use sqlite:///abs/path.db, sqlite:relative.db, postgresql://… or postgres://…"
-    )

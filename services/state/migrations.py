@@ -394,7 +394,22 @@ _WATCH_V5 = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_AUDIT_V1, _APPROVALS_V2, _BACKUPS_V3, _SCHEDULES_V4, _WATCH_V5)
+_BACKUP_HEARTBEAT_V6 = Migration(
+    version=6,
+    name="backup heartbeat (a running backup's writer renews it; a stale one has no live writer)",
+    # NULL for rows written before: the sweeper then goes by started_at.
+    sqlite=("ALTER TABLE backups ADD COLUMN heartbeat_at TEXT",),
+    postgres=("ALTER TABLE backups ADD COLUMN heartbeat_at timestamptz",),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _AUDIT_V1,
+    _APPROVALS_V2,
+    _BACKUPS_V3,
+    _SCHEDULES_V4,
+    _WATCH_V5,
+    _BACKUP_HEARTBEAT_V6,
+)
 
 LATEST_VERSION = MIGRATIONS[-1].version
 

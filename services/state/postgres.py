@@ -368,6 +368,16 @@ class PostgresStateStore:
         )
         return None if row is None else backup_from_row(row.values(), _when)
 
+    async def renew_backup(self, backup_id: str, *, at: datetime) -> bool:
+        """Stamp a ``running`` backup's heartbeat with ``at``; False if it is no longer running."""
+        renewed = await self._pool.fetchval(
+            "UPDATE backups SET heartbeat_at = $2 WHERE id = $1 AND state = $3 RETURNING id",
+            backup_id,
+            at,
+            BackupState.RUNNING.value,
+        )
+        return renewed is not None
+
     async def get_backup(self, backup_id: str) -> BackupRecord | None:
         """The backup with this id, or None."""
         row = await self._pool.fetchrow(f"SELECT {BACKUP_COLUMNS} FROM backups WHERE id = $1", backup_id)  # noqa: S608

@@ -427,6 +427,15 @@ class SqliteStateStore:
             rows = list(rows)
         return backup_from_row(rows[0], _when) if rows else None
 
+    async def renew_backup(self, backup_id: str, *, at: datetime) -> bool:
+        """Stamp a ``running`` backup's heartbeat with ``at``; False if it is no longer running."""
+        async with self._write() as conn:
+            cursor = await conn.execute(
+                "UPDATE backups SET heartbeat_at = ? WHERE id = ? AND state = ?",
+                (_ts(at), backup_id, BackupState.RUNNING.value),
+            )
+            return cursor.rowcount == 1
+
     async def get_backup(self, backup_id: str) -> BackupRecord | None:
         """The backup with this id, or None."""
         async with self._lock:

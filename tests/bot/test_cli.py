@@ -7,6 +7,7 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -136,13 +137,35 @@ async def test_serve_without_tokens_names_what_is_missing() -> None:
 
 async def test_demo_runs_health_and_exits_without_a_terminal() -> None:
     code, out, err = await opsbot("demo")
-    assert code == 0, err
+    assert code == 0, out + err
     assert "Health of all services: warning" in out
     assert "llm: degraded" in out
     assert "1 backup(s) done" in out and "is good: sha256 matches" in out  # backed up, verified
     assert "integrity_check ok: 2 tables, 700 rows" in out
-    assert "Audit: last 3 event(s)" in out and "backup verify" in out  # the commands were audited
     assert "Traceback" not in err
+
+    # The approval walk: the plan is printed, the requester may not approve it, the second demo user does.
+    plan = out[out.index("> /ops restore ecommerce-agent ") :]
+    assert plan.splitlines()[1] == "Approval needed: /ops restore ecommerce-agent", plan
+    assert "Overwrites: SQLite database" in plan and "First: a safety backup" in plan
+    [approval_id] = set(re.findall(r"An approver can run `/ops approve (\w{8})`", plan))
+    assert f"> /ops approve {approval_id}\n⚠️  You asked for this, so someone else has to approve it." in out
+    approved = out[out.index(f"> /ops approve {approval_id}   (as U0DEMOAPPROVER)") :]
+    assert approved.splitlines()[1] == "Done: /ops restore ecommerce-agent", approved
+    assert "Done — approved by <@U0DEMOAPPROVER>" in approved and "ecommerce-agent is healthy" in approved
+    assert "This already ran (succeeded)" in approved  # approving again runs nothing
+    assert "The demo database has 500 of its 500 orders back; the restore ran once." in out
+
+    # The audit shows the request and the approval, and exactly one run.
+    audit = out[out.index("> /ops audit") :]
+    assert "Audit: last 14 event(s)" in audit and "backup verify" in audit  # every command was audited
+    events = [line for line in audit.splitlines() if approval_id in line]
+    requested = [e for e in events if "approval requested" in e]
+    assert len(requested) == 1 and f"local:{getpass.getuser()} approval requested" in requested[0]
+    assert [e for e in events if "approval approved" in e and "<@U0DEMOAPPROVER>" in e and "→ approved" in e]
+    assert [e for e in events if "approval approve refused" in e and "self-approval" in e]
+    assert sum("approval started" in e for e in events) == 1  # ran once
+    assert sum("approval succeeded" in e for e in events) == 1
 
 
 async def test_console_reads_commands_as_a_chosen_user(tmp_path: Path, app_url: tuple[SampleAppState, str]) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from services.state import BackupRecord, BackupState, StateStore
+from services.state.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_VERSION_TABLE
+from tests.state.conftest import Backend
 
 NOW = datetime(2026, 11, 22, 3, 0, 0, 123456, tzinfo=UTC)
 
@@ -89,3 +92,45 @@ async def test_verification_is_remembered_and_retention_deletes_only_finished(st
     assert await store.delete_backup("shop-db-1", at=NOW)
     assert not await store.delete_backup("shop-db-1", at=NOW)
     assert (await store.get_backup("shop-db-1")).state is BackupState.DELETED  # type: ignore[union-attr]
+
+
+async def test_the_writer_renews_a_running_backups_heartbeat_and_learns_when_it_is_no_longer_running(
+    store: StateStore,
+) -> None:
+    await store.create_backup(replace(record(), heartbeat_at=NOW))
+    assert (await store.get_backup("shop-db-1")).heartbeat_at == NOW  # type: ignore[union-attr]
+    assert await store.renew_backup("shop-db-1", at=NOW + timedelta(seconds=30))
+    assert (await store.get_backup("shop-db-1")).heartbeat_at == NOW + timedelta(seconds=30)  # type: ignore[union-attr]
+    await store.finish_backup("shop-db-1", BackupState.FAILED, at=NOW + timedelta(minutes=6), error="no heartbeat")
+    assert not await store.renew_backup("shop-db-1", at=NOW + timedelta(minutes=7))  # swept: the writer must stop
+    assert (await store.get_backup("shop-db-1")).heartbeat_at == NOW + timedelta(seconds=30)  # type: ignore[union-attr]
+    assert not await store.renew_backup("nope", at=NOW)
+
+
+async def test_a_catalog_from_before_heartbeats_is_migrated_and_keeps_its_rows(backend: Backend) -> None:
+    """Version 6 adds the heartbeat column to a database at version 5 that already holds backups."""
+    before = [m for m in MIGRATIONS if m.version <= 5]
+    statements = [SCHEMA_VERSION_TABLE[backend.kind]]
+    for migration in before:
+        statements += migration.statements(backend.kind)
+        statements.append(
+            f"INSERT INTO schema_version (version, name, applied_at) VALUES ({migration.version}, 'v', '{NOW}')"
+        )
+    started = "2026-11-22T03:00:00.123456Z" if backend.kind == "sqlite" else "2026-11-22 03:00:00.123456+00"
+    statements.append(
+        "INSERT INTO backups (id, service, component, source, trigger, requested_by, destination, object_key,"
+        " location, codec, state, started_at) VALUES ('shop-db-old', 'shop', 'db', 'postgres', 'manual', 'U0OPS',"
+        f" 'local', 'shop/db/shop-db-old.dump.zst', '/b/shop-db-old.dump.zst', 'zstd', 'running', '{started}')"
+    )
+    if backend.kind == "sqlite":
+        Path(backend.url.removeprefix("sqlite://")).parent.mkdir(parents=True, exist_ok=True)
+    await backend.execute(*statements)
+    store = await backend.open()
+    try:
+        assert await store.schema_version() == LATEST_VERSION
+        old = await store.get_backup("shop-db-old")
+        assert old is not None and old.state is BackupState.RUNNING and old.started_at == NOW
+        assert old.heartbeat_at is None  # never renewed: the sweeper goes by its start
+        assert await store.renew_backup("shop-db-old", at=NOW + timedelta(minutes=1))
+    finally:
+        await store.close()

@@ -22,7 +22,7 @@ from services.alerts.metrics import (
     seconds_between,
     window_scrapes,
 )
-from services.alerts.rules import ErrorRateRule, LatencyRule, Observation, Verdict
+from services.alerts.rules import ErrorRateRule, LatencyRule, Observation, Verdict, check
 from tests.services.conftest import SampleAppFactory
 
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
@@ -68,7 +68,7 @@ async def test_exactly_5_percent_of_real_requests_is_5_percent_and_no_breach(
     assert ratio.pct == 5.0
     assert ratio.evidence == "5xx 5 of 100 requests (5.0 %) over 60 s"
     rule = ErrorRateRule(kind="error_rate", match=HEALTHZ)
-    condition = rule.check(Observation(reachable=True, scrapes=(first, second)))
+    condition = check(rule, Observation(reachable=True, scrapes=(first, second)))
     assert condition.verdict is Verdict.OK
     assert condition.evidence == "5xx 5 of 100 requests (5.0 %) over 60 s; alerts above 5 %"
 
@@ -91,7 +91,7 @@ async def test_6_of_100_real_requests_breaches_and_the_scrape_itself_is_counted(
     assert everything is not None
     assert (everything.errors, everything.total) == (6, 101)
     assert everything.evidence == "5xx 6 of 101 requests (5.9 %) over 5 min"
-    condition = ErrorRateRule(kind="error_rate", match=HEALTHZ).check(Observation(True, scrapes=(first, second)))
+    condition = check(ErrorRateRule(kind="error_rate", match=HEALTHZ), Observation(True, scrapes=(first, second)))
     assert condition.verdict is Verdict.BREACH
     assert condition.value == 6.0
 
@@ -119,8 +119,8 @@ async def test_p95_of_real_requests_interpolates_inside_the_bucket(
     p50 = histogram_quantile(0.5, first, second, match=HEALTHZ)
     assert p50 is not None and p50 < 0.25
     observed = Observation(True, scrapes=(first, second))
-    assert LatencyRule(kind="latency_p95", match=HEALTHZ).check(observed).verdict is Verdict.OK
-    slow = LatencyRule(kind="latency_p95", threshold_seconds=0.3, match=HEALTHZ).check(observed)
+    assert check(LatencyRule(kind="latency_p95", match=HEALTHZ), observed).verdict is Verdict.OK
+    slow = check(LatencyRule(kind="latency_p95", threshold_seconds=0.3, match=HEALTHZ), observed)
     assert slow.verdict is Verdict.BREACH
     assert slow.evidence == "p95 375 ms over 100 requests in 60 s; alerts above 300 ms"
 
@@ -141,7 +141,7 @@ async def test_llm_p95_from_the_real_llm_histogram(
     # The app observes exactly 0.05 s each: all 8 in the first bucket (0, 0.1] → 0.1 * 0.95.
     assert histogram_quantile(0.95, first, second, metric="llm_latency_seconds") == pytest.approx(0.095)
     rule = LatencyRule(kind="latency_p95", name="HighLLMLatency", metric="llm_latency_seconds", threshold_seconds=60)
-    condition = rule.check(Observation(True, scrapes=(first, second)))
+    condition = check(rule, Observation(True, scrapes=(first, second)))
     assert condition.verdict is Verdict.OK
     assert condition.evidence == "p95 95 ms over 8 requests in 60 s; alerts above 60 s"
 
@@ -156,7 +156,7 @@ async def test_a_quiet_window_on_the_real_app_has_no_ratio_and_no_quantile(
 
     assert error_ratio(first, second, match=HEALTHZ) is None
     assert histogram_quantile(0.95, first, second, match=HEALTHZ) is None
-    condition = ErrorRateRule(kind="error_rate", match=HEALTHZ).check(Observation(True, scrapes=(first, second)))
+    condition = check(ErrorRateRule(kind="error_rate", match=HEALTHZ), Observation(True, scrapes=(first, second)))
     assert (condition.verdict, condition.evidence) == (Verdict.OK, "no requests over 30 s")
 
 

@@ -24,6 +24,7 @@ from services.alerts.rules import (
     Transition,
     TransitionKind,
     Verdict,
+    check,
     evaluate,
 )
 
@@ -115,7 +116,7 @@ def _requests(errors: float, total: float) -> tuple[Scrape, Scrape]:
     ],
 )
 def test_error_rate_breaches_only_above_5_percent(errors: int, total: int, verdict: Verdict) -> None:
-    condition = ErrorRateRule(kind="error_rate").check(Observation(True, scrapes=_requests(errors, total)))
+    condition = check(ErrorRateRule(kind="error_rate"), Observation(True, scrapes=_requests(errors, total)))
 
     assert condition.verdict is verdict
     assert condition.value == pytest.approx(errors * 100 / total)
@@ -140,7 +141,7 @@ def _latency(buckets: dict[str, float]) -> tuple[Scrape, Scrape]:
     ],
 )
 def test_latency_breaches_only_above_2_seconds(buckets: dict[str, float], p95: float, verdict: Verdict) -> None:
-    condition = LatencyRule(kind="latency_p95").check(Observation(True, scrapes=_latency(buckets)))
+    condition = check(LatencyRule(kind="latency_p95"), Observation(True, scrapes=_latency(buckets)))
 
     assert condition.verdict is verdict
     assert condition.value == pytest.approx(p95)
@@ -151,8 +152,9 @@ def test_latency_breaches_only_above_2_seconds(buckets: dict[str, float], p95: f
     [(800, 1000, Verdict.OK), (801, 1000, Verdict.BREACH), (799, 1000, Verdict.OK), (1000, 1000, Verdict.BREACH)],
 )
 def test_redis_memory_breaches_only_above_80_percent(used: int, limit: int, verdict: Verdict) -> None:
-    condition = RedisMemoryRule(kind="redis_memory").check(
-        Observation(True, memory_used_bytes=used * 1_048_576, memory_max_bytes=limit * 1_048_576)
+    condition = check(
+        RedisMemoryRule(kind="redis_memory"),
+        Observation(True, memory_used_bytes=used * 1_048_576, memory_max_bytes=limit * 1_048_576),
     )
 
     assert condition.verdict is verdict
@@ -161,9 +163,9 @@ def test_redis_memory_breaches_only_above_80_percent(used: int, limit: int, verd
 def test_redis_memory_evidence_and_no_maxmemory() -> None:
     rule = RedisMemoryRule(kind="redis_memory")
 
-    full = rule.check(Observation(True, memory_used_bytes=850 * 1_048_576, memory_max_bytes=1024 * 1_048_576))
-    unlimited = rule.check(Observation(True, memory_used_bytes=5 * 1_048_576, memory_max_bytes=0))
-    unreported = rule.check(Observation(True, memory_used_bytes=5 * 1_048_576))
+    full = check(rule, Observation(True, memory_used_bytes=850 * 1_048_576, memory_max_bytes=1024 * 1_048_576))
+    unlimited = check(rule, Observation(True, memory_used_bytes=5 * 1_048_576, memory_max_bytes=0))
+    unreported = check(rule, Observation(True, memory_used_bytes=5 * 1_048_576))
 
     assert full.evidence == "memory 850.0 MB of 1.0 GB (83.0 %); alerts above 80 %"
     assert (unlimited.verdict, unlimited.evidence) == (Verdict.OK, "memory 5.0 MB, no maxmemory set")
@@ -175,8 +177,8 @@ def test_redis_memory_evidence_and_no_maxmemory() -> None:
     [(90, Verdict.BREACH), (89, Verdict.OK), (95, Verdict.BREACH), (100, Verdict.BREACH)],
 )
 def test_disk_breaches_at_exactly_90_percent(used: int, verdict: Verdict) -> None:
-    condition = SizeLimitRule(kind="size_limit").check(
-        Observation(True, size_used_bytes=used * 10**9, size_limit_bytes=100 * 10**9)
+    condition = check(
+        SizeLimitRule(kind="size_limit"), Observation(True, size_used_bytes=used * 10**9, size_limit_bytes=100 * 10**9)
     )
 
     assert condition.verdict is verdict
@@ -186,9 +188,9 @@ def test_size_just_under_90_percent_is_ok_and_a_fixed_limit_wins() -> None:
     rule = SizeLimitRule.model_validate({"kind": "size_limit", "limit": "1000MiB", "subject": "database"})
     limit = 1000 * 1_048_576
 
-    under = rule.check(Observation(True, size_used_bytes=limit * 9 // 10 - 1, size_limit_bytes=10 * limit))
-    at = rule.check(Observation(True, size_used_bytes=limit * 9 // 10, size_limit_bytes=10 * limit))
-    no_limit = SizeLimitRule(kind="size_limit").check(Observation(True, size_used_bytes=5))
+    under = check(rule, Observation(True, size_used_bytes=limit * 9 // 10 - 1, size_limit_bytes=10 * limit))
+    at = check(rule, Observation(True, size_used_bytes=limit * 9 // 10, size_limit_bytes=10 * limit))
+    no_limit = check(SizeLimitRule(kind="size_limit"), Observation(True, size_used_bytes=5))
 
     assert under.verdict is Verdict.OK
     assert at.verdict is Verdict.BREACH
@@ -200,8 +202,8 @@ def test_unreachable_breaches_down_rules_only() -> None:
     unreachable = Observation(False, detail="connection refused")
     reachable = Observation(True)
 
-    assert DownRule(kind="down").check(unreachable) == Condition(Verdict.BREACH, "not answering: connection refused")
-    assert DownRule(kind="down").check(reachable).verdict is Verdict.OK
+    assert check(DownRule(kind="down"), unreachable) == Condition(Verdict.BREACH, "not answering: connection refused")
+    assert check(DownRule(kind="down"), reachable).verdict is Verdict.OK
     others = [
         ErrorRateRule(kind="error_rate"),
         LatencyRule(kind="latency_p95"),
@@ -209,7 +211,7 @@ def test_unreachable_breaches_down_rules_only() -> None:
         SizeLimitRule(kind="size_limit"),
     ]
     for rule in others:
-        condition = rule.check(unreachable)
+        condition = check(rule, unreachable)
         assert condition.verdict is Verdict.UNKNOWN, rule.alert_name
         assert "connection refused" in condition.evidence
 
@@ -218,8 +220,8 @@ def test_metrics_rules_wait_for_two_scrapes_and_name_a_missing_metric() -> None:
     one = Observation(True, scrapes=_requests(1, 10)[1:])
     rule = ErrorRateRule(kind="error_rate", metric="nope_total")
 
-    assert ErrorRateRule(kind="error_rate").check(one) == UNKNOWN
-    missing = rule.check(Observation(True, scrapes=_requests(1, 10)))
+    assert check(ErrorRateRule(kind="error_rate"), one) == UNKNOWN
+    missing = check(rule, Observation(True, scrapes=_requests(1, 10)))
     assert (missing.verdict, missing.evidence) == (Verdict.UNKNOWN, "the app's metrics have no nope_total")
 
 

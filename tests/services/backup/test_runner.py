@@ -1,5 +1,5 @@
 """The backup runner with real sources and destinations: S3 (moto), SQLite, files, MongoDB, Cloud SQL
-(a fake of its Admin API); the sweeper, and retention that never drops the newest good backup."""
+(a fake of its Admin API), and retention that never drops the newest good backup. The sweeper: test_sweep.py."""
 
 from __future__ import annotations
 
@@ -224,31 +224,6 @@ services: {{notes: {{components: {{db: {{type: sqlite, path: "{db}"}}}}}}}}
     assert count(db) == 501  # untouched
     with pytest.raises(CommandError, match="There is no backup `nope`"):
         await runner.verify("nope")
-
-
-async def test_the_sweeper_fails_running_backups_whose_writer_is_gone(store: StateStore, tmp_path: Path) -> None:
-    db = tmp_path / "app.db"
-    app_db(db, rows=5)
-    inventory = make_inventory(f"""
-backups: {{destinations: {{local: {{type: directory, path: "{tmp_path / "b"}"}}}}}}
-services: {{notes: {{components: {{db: {{type: sqlite, path: "{db}"}}}}}}}}
-""")
-    runner = runner_for(store, inventory, tmp_path)
-    record = await runner.backup("notes", "db", trigger="manual", requested_by="U1")
-    from dataclasses import replace
-
-    dead = replace(record, id="notes-db-dead", state=BackupState.RUNNING, size=None, sha256=None, manifest=None)
-    alive = replace(dead, id="notes-db-alive")
-    await store.create_backup(dead)
-    await store.create_backup(alive)
-    assert await runner.sweep() == []  # not a minute old yet
-    runner.clock = lambda: datetime.now(UTC) + timedelta(minutes=2)
-    await runner.locks.acquire(lock_key("notes", "db"), "notes-db-alive")
-    swept = await runner.sweep()
-    assert [r.id for r in swept] == ["notes-db-dead"]
-    assert swept[0].state is BackupState.FAILED and "interrupted" in swept[0].error
-    assert (await store.get_backup("notes-db-alive")).state is BackupState.RUNNING  # type: ignore[union-attr]
-    assert (await store.get_backup(record.id)).state is BackupState.GOOD  # type: ignore[union-attr]
 
 
 async def test_retention_counts_only_good_backups_and_keeps_the_newest(store: StateStore, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -460,3 +461,41 @@ async def test_the_event_loop_stays_responsive_while_compressing(codec: Codec, t
     assert 0 < size < total
     assert ticks > 10
     assert worst < 0.25, f"the event loop was blocked for {worst:.3f} s"
+
+
+async def test_partials_are_listed_with_their_last_write_and_removed_one_by_one(destination: Destination) -> None:
+    """What a killed writer leaves: listed under the key it was for (a manifest's too), removable,
+    and never among the complete objects."""
+    await destination.write(KEY, from_bytes(b"complete"))
+    started = time.time()
+    if isinstance(destination, LocalDirectory):
+        (destination.root / f"{KEY}.gz.partial-0123456789ab").write_bytes(b"half")
+        (destination.root / f"{KEY}.manifest.json.partial-ba9876543210").write_bytes(b"{")
+        (destination.root / "shop/db/x.partial-notrandomhex").write_bytes(b"not one of ours")
+    else:
+        assert isinstance(destination, S3Destination)
+        client = aws_client("s3", destination._endpoint_url or "")
+        try:
+            upload = client.create_multipart_upload(Bucket=destination.bucket, Key=f"opsbot/{KEY}.gz")
+            client.upload_part(
+                Bucket=destination.bucket, Key=f"opsbot/{KEY}.gz", UploadId=upload["UploadId"], PartNumber=1, Body=b"x"
+            )
+        finally:
+            client.close()
+
+    found = await destination.partials("shop/")
+    assert await destination.partials("blog/") == []
+    expected = [f"{KEY}.gz", KEY] if isinstance(destination, LocalDirectory) else [f"{KEY}.gz"]
+    assert [p.key for p in found] == expected
+    assert all(abs(p.modified.timestamp() - started) < 60 for p in found)  # the last write, not some other time
+    for partial in found:
+        await destination.remove_partial(partial)
+    assert await destination.partials("") == []
+    if isinstance(destination, LocalDirectory):  # a name no writer gives is an object like any other
+        assert await destination.keys("") == sorted([KEY, "shop/db/x.partial-notrandomhex"])
+        with pytest.raises(ValueError, match="is not a partial file"):
+            await destination.remove_partial(replace(found[0], ref=KEY))
+        assert (destination.root / KEY).exists()
+    else:
+        assert await destination.keys("") == [KEY]
+        assert s3_state(destination)[1] == []
