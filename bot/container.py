@@ -103,6 +103,8 @@ async def build_container(
     async with contextlib.AsyncExitStack() as stack:
         store = await open_store(settings, redactor, wait=store_wait)
         stack.push_async_callback(store.close)
+        if (spool := getattr(store, "spool", None)) is not None:
+            metrics.watch_audit_spool(spool)
         http = await stack.enter_async_context(
             aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=60, connect=10),

@@ -6,6 +6,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -15,6 +16,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from services.errors import OUTCOMES
 from services.health import Status
+from services.state.spool import AuditSpool
 
 # Commands range from a lookup to a backup of a large database.
 _COMMAND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -81,6 +83,21 @@ class Metrics:
     def count_slack_request(self, kind: str) -> None:
         """Count one request received from Slack."""
         self.slack_requests_total.labels(kind=kind).inc()
+
+    def watch_audit_spool(self, spool: AuditSpool) -> None:
+        """Expose the audit spool: events waiting for the state store, and events it had to drop."""
+        pending = Gauge(
+            "opsbot_audit_spool_pending",
+            "Audit events kept on local disk while the state store does not answer.",
+            registry=self.registry,
+        )
+        pending.set_function(lambda: spool.pending)
+        dropped = Gauge(
+            "opsbot_audit_spool_dropped",
+            "Audit events lost since start-up because the spool was full (or a line was unreadable).",
+            registry=self.registry,
+        )
+        dropped.set_function(lambda: spool.dropped)
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its Content-Type header value."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import structlog
 
+from services.errors import AuditSpooled
 from services.redaction import Redactor
 from services.state import AuditRecord, StateStore
 
@@ -40,5 +41,7 @@ async def record_event(
     )
     try:
         await store.append_audit(record)
+    except AuditSpooled:
+        pass  # kept on local disk until the store answers; the store logged it
     except Exception:
         log.exception("audit_write_failed", command=command, outcome=outcome)

@@ -24,6 +24,19 @@ class PermissionDenied(CommandError):
         super().__init__(message, outcome="denied")
 
 
+class StateStoreUnavailable(CommandError):
+    """The bot's own state store did not answer (down, restarting, unreachable): said plainly,
+    with the technical reason kept for the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("opsbot's state store is not answering just now; try again in a minute.", outcome="error")
+        self.reason = reason
+
+
+class AuditSpooled(StateStoreUnavailable):
+    """The audit event could not reach the state store and waits in the local spool."""
+
+
 class InventoryError(Exception):
     """The inventory file is invalid; ``problems`` lists each one as ``path: message``."""
 

@@ -25,7 +25,8 @@ async def open_state_store(url: str | None, *, default_path: Path) -> StateStore
     if (path := sqlite_path_from_url(url)) is not None:
         return await SqliteStateStore.open(path)
     if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresStateStore.open(url)
+        # Audit events of an outage wait beside the local state, fsynced, until the store answers.
+        return await PostgresStateStore.open(url, spool_path=default_path.parent / "audit-spool.jsonl")
     raise ValueError(
         f"unsupported state store URL ({_describe_url(url)}): "
         "use sqlite:///abs/path.db, sqlite:relative.db, postgresql://… or postgres://…"

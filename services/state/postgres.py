@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg
+import structlog
 
+from services.errors import AuditSpooled, StateStoreUnavailable
+from services.probes._common import network_problem
 from services.state import migrations
 from services.state.base import (
     APPROVAL_COLUMNS,
@@ -39,6 +45,7 @@ from services.state.base import (
     utc,
     verify_chain,
 )
+from services.state.spool import AuditSpool
 
 _COLUMNS = AUDIT_COLUMNS
 
@@ -95,6 +102,45 @@ def _schedule_run(row: Mapping[str, Any]) -> ScheduleRun:
     )
 
 
+log = structlog.get_logger(__name__)
+
+# What asyncpg raises when the server is down, restarting, cut off or too slow: the store is not
+# answering (as opposed to a query that is wrong, which stays a bug with its traceback).
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@contextlib.contextmanager
+def _answering() -> Any:
+    """Turn "the server did not answer" into :class:`StateStoreUnavailable` (a plain sentence)."""
+    try:
+        yield
+    except StateStoreUnavailable:
+        raise
+    except _UNAVAILABLE as exc:
+        reason = network_problem(exc) or type(exc).__name__
+        log.warning("state_store_unavailable", reason=reason)
+        raise StateStoreUnavailable(reason) from exc
+
+
+def _guarded(method: F) -> F:
+    @functools.wraps(method)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        with _answering():
+            return await method(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
 class PostgresStateStore:
     """The state store on PostgreSQL, through an asyncpg pool.
 
@@ -104,9 +150,10 @@ class PostgresStateStore:
 
     kind = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool, *, close_timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, close_timeout: float, spool: AuditSpool | None = None) -> None:
         self._pool = pool
         self._close_timeout = close_timeout
+        self.spool = spool
 
     @classmethod
     async def open(
@@ -117,6 +164,7 @@ class PostgresStateStore:
         max_size: int = 10,
         command_timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        spool_path: Path | None = None,
     ) -> PostgresStateStore:
         """Connect a pool to ``dsn`` and migrate the database."""
         pool = await asyncpg.create_pool(
@@ -127,12 +175,16 @@ class PostgresStateStore:
             timeout=connect_timeout,
             server_settings={"application_name": "opsbot"},
         )
-        store = cls(pool, close_timeout=command_timeout)
+        spool = AuditSpool(spool_path) if spool_path is not None else None
+        store = cls(pool, close_timeout=command_timeout, spool=spool)
         try:
             await store._migrate()
         except BaseException:
             pool.terminate()
             raise
+        if spool is not None and spool.pending:  # events of an outage before a restart
+            with contextlib.suppress(StateStoreUnavailable):
+                await spool.drain(store._append_audit)
         return store
 
     async def _migrate(self) -> None:
@@ -158,7 +210,25 @@ class PostgresStateStore:
         await self._pool.fetchval("SELECT 1")
 
     async def append_audit(self, record: AuditRecord) -> AuditEvent:
-        """Append one event to the hash chain, atomically with respect to other writers."""
+        """Append one event to the hash chain, atomically with respect to other writers.
+
+        With a spool: what an outage spooled is appended first, in order; if the store does not
+        answer, the event is spooled (fsynced) and :class:`AuditSpooled` raised.
+        """
+        try:
+            if self.spool is not None and self.spool.pending:
+                await self.spool.drain(self._append_audit)
+            return await self._append_audit(record)
+        except StateStoreUnavailable as exc:
+            if self.spool is None:
+                raise
+            kept = await self.spool.add(record)
+            log.warning("audit_spooled" if kept else "audit_dropped", pending=self.spool.pending,
+                        dropped=self.spool.dropped, command=record.command)  # fmt: skip
+            raise AuditSpooled(exc.reason) from exc
+
+    @_guarded
+    async def _append_audit(self, record: AuditRecord) -> AuditEvent:
         async with self._pool.acquire() as conn, conn.transaction():
             head = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             if head is None:
@@ -569,3 +639,9 @@ class PostgresStateStore:
             await asyncio.wait_for(self._pool.close(), self._close_timeout)
         except TimeoutError:
             self._pool.terminate()
+
+
+for _name, _method in list(vars(PostgresStateStore).items()):
+    # Every public query says "not answering" plainly (append_audit handles it itself, to spool).
+    if inspect.iscoroutinefunction(_method) and not _name.startswith("_") and _name not in ("append_audit", "close"):
+        setattr(PostgresStateStore, _name, _guarded(_method))

@@ -9,6 +9,7 @@ import aiosqlite
 import asyncpg
 import pytest
 
+from services.errors import StateStoreUnavailable
 from services.state import PostgresStateStore, SqliteStateStore, open_state_store
 from services.state.migrations import LATEST_VERSION
 from tests.fixtures.servers import free_port
@@ -96,8 +97,9 @@ async def test_postgres_writer_is_bounded_by_command_timeout(pg_dsn: str) -> Non
     try:
         async with holder.transaction():
             await holder.execute("SELECT 1 FROM audit_head WHERE id = 1 FOR UPDATE")
-            with pytest.raises(TimeoutError):
+            with pytest.raises(StateStoreUnavailable) as caught:  # said plainly, the timeout kept as its cause
                 await store.append_audit(record(1))
+            assert isinstance(caught.value.__cause__, TimeoutError)
         assert (await store.append_audit(record(2))).seq == 1
         assert await store.verify_audit() is None
     finally:
