@@ -20,7 +20,7 @@ from services.errors import CommandError
 from services.inventory import Inventory, parse_inventory
 from services.locks import LocalLocks
 from services.redaction import Redactor
-from services.state import BackupState, StateStore, open_state_store
+from services.state import BackupState, StateStore
 from tests.fixtures.aws import FAKE_SECRET_ACCESS_KEY
 from tests.fixtures.cloudsql import FakeCloudSql, start_fake
 from tests.fixtures.servers import PG_BIN, PostgresServer, run_sql
@@ -28,15 +28,6 @@ from tests.fixtures.servers import PG_BIN, PostgresServer, run_sql
 
 def make_inventory(text: str) -> Inventory:
     return parse_inventory(text, "test", env={}).inventory
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
-    opened = await open_state_store(f"sqlite://{tmp_path / 'state.db'}", default_path=tmp_path / "x.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

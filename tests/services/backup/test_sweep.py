@@ -32,15 +32,6 @@ from tests.fixtures.wait import wait_until
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
-    opened = await open_state_store(f"sqlite://{tmp_path / 'state.db'}", default_path=tmp_path / "x.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 def make_inventory(text: str, **env: str) -> Inventory:
     return parse_inventory(text, "test", env=env).inventory
 
