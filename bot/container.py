@@ -9,24 +9,28 @@ from pathlib import Path
 
 import aiohttp
 import structlog
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
-)
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.metrics import Metrics
 from bot.settings import Settings
 from bot.state import open_store
 from handlers.backup import RestoreBackup
+from handlers.cleanup import RunCleanup, RunReindex
 from handlers.commands import load_registry, policy_problems
 from handlers.context import Deps
 from handlers.deploy import register_actions
 from handlers.health import service_health
 from handlers.jobs import ResetStuckJobs
+from handlers.queue import register_queue_actions
 from handlers.registry import Registry
 from handlers.router import Router
-from handlers.slack import SlackNotifier, group_members
+from handlers.slack import RETRY_PAUSE, SlackNotifier, group_members, nothing_done, posts
 from services.access import RoleResolver
 from services.approvals import ApprovalEngine
 from services.backup.runner import BackupRunner
@@ -34,6 +38,7 @@ from services.deploy.providers import DeployProviders
 from services.errors import InventoryError
 from services.inventory import LoadedInventory, load_inventory
 from services.locks import ServiceLocks, open_locks
+from services.plan_lists import PlanLists
 from services.probes import build_health_probes
 from services.redaction import Redactor
 from services.state import StateStore
@@ -41,6 +46,10 @@ from services.state import StateStore
 log = structlog.get_logger(__name__)
 
 SLACK_TIMEOUT = 10  # seconds, per Web API call
+# Retries of a Web API call that failed doing nothing (a 5xx, connection refused), after about
+# RETRY_PAUSE, then twice that, each plus up to 1 s of jitter: at most ~2.8 s of waiting, well within a
+# reply's time (response_url, the fallback, stays valid for 30 minutes).
+SLACK_RETRIES = 2
 
 
 @dataclass
@@ -57,8 +66,32 @@ class Container:
     router: Router
 
 
+class NothingDoneRetryHandler(AsyncRetryHandler):
+    """Retries a Web API call whose failure proves Slack did nothing: HTTP 500/502/503, an ``ok: false``
+    saying so, a connection never made. A dropped connection may come after Slack did it: only a call
+    that posts nothing (an edit, a lookup) is retried then. A timeout never is here (a post may have
+    landed): handlers/slack.py decides what to do about it."""
+
+    async def _can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        if error is not None:
+            if isinstance(error, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                return True  # Slack never saw the request
+            dropped = isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+            return dropped and not posts(request.url)
+        return response is not None and nothing_done(response.status_code, response.body)
+
+
 def slack_client(settings: Settings, session: aiohttp.ClientSession) -> AsyncWebClient | None:
-    """The Web API client, retrying on 429 and connection errors; None without a bot token.
+    """The Web API client, retrying on 429 and on failures that prove Slack did nothing (5xx, an
+    ``ok: false`` that says so, connection refused); None without a bot token. A timeout is not retried
+    here: a post may have landed (handlers/slack.py sends the reply through response_url instead).
 
     It reuses one aiohttp session (kept-alive connections) whose timeout bounds every call;
     without one, slack_sdk would open a new session for each call."""
@@ -71,7 +104,9 @@ def slack_client(settings: Settings, session: aiohttp.ClientSession) -> AsyncWeb
         timeout=SLACK_TIMEOUT,
         retry_handlers=[
             AsyncRateLimitErrorRetryHandler(max_retry_count=3),
-            AsyncConnectionErrorRetryHandler(max_retry_count=2),
+            NothingDoneRetryHandler(
+                max_retry_count=SLACK_RETRIES, interval_calculator=BackoffRetryIntervalCalculator(RETRY_PAUSE)
+            ),
         ],
     )
 
@@ -140,6 +175,10 @@ async def build_container(
         deploys = DeployProviders(http)
         stack.push_async_callback(deploys.close)
         engine.register("jobs reset-stuck", ResetStuckJobs(loaded.inventory, redactor))
+        cleanup_lists = PlanLists(Path(settings.state_dir) / "plan-lists")  # the queue verbs' directory too
+        engine.register("cleanup", RunCleanup(loaded.inventory, redactor, cleanup_lists))
+        engine.register("reindex", RunReindex(loaded.inventory, redactor))
+        register_queue_actions(engine, loaded.inventory, redactor, PlanLists(Path(settings.state_dir) / "plan-lists"))
         deps = Deps(
             loaded=loaded,
             store=store,
@@ -157,7 +196,8 @@ async def build_container(
         registry = load_registry()
         _check_approval_commands(registry, engine, loaded)
         if slack is not None:
-            deps.notifier = SlackNotifier(slack, engine, loaded.inventory.ops_channel)
+            notifier = deps.notifier = SlackNotifier(slack, engine, loaded.inventory.ops_channel)
+            stack.push_async_callback(notifier.close)  # before the Slack session closes
         router = Router(registry)
         log.info(
             "container_ready",

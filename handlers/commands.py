@@ -1,6 +1,6 @@
 """Imports every command module so that their ``@subcommand`` declarations are registered."""
 
-from handlers import alerts, approvals, audit, backup, deploy, digest, health, help, jobs, schedules
+from handlers import alerts, approvals, audit, backup, cleanup, deploy, digest, health, help, jobs, queue, schedules
 from handlers.registry import Registry, registry, tokenize
 from services.errors import CommandError
 from services.inventory import Inventory
@@ -10,6 +10,7 @@ __all__ = [
     "approvals",
     "audit",
     "backup",
+    "cleanup",
     "deploy",
     "digest",
     "health",
@@ -17,6 +18,7 @@ __all__ = [
     "jobs",
     "load_registry",
     "policy_problems",
+    "queue",
     "schedules",
 ]
 

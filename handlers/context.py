@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +55,45 @@ class RunningCommands:
         await self._idle.wait()
 
 
+class PendingAcks:
+    """Slack requests received whose answer (the ack) has not gone out yet.
+
+    Acks first: a command's work waits until none is pending, so that a burst of commands is acked
+    before any of them starts working (work started after one ack otherwise delays the next ones).
+    A steady stream of requests never holds work back longer than ``most_wait``.
+    """
+
+    def __init__(self, most_wait: float = 0.5) -> None:
+        self.most_wait = most_wait
+        self._count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        """Count one request until its answer is ready to go out."""
+        self._count += 1
+        self._none.clear()
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if self._count == 0:
+                self._none.set()
+
+    async def settled(self) -> None:
+        """Return once no ack is pending (this request's own included), or after ``most_wait``."""
+        if self._count == 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.most_wait):
+                await self._none.wait()
+
+
 class Notifier(Protocol):
     """Where approvals are shown as they change (the Slack message; the console; nowhere)."""
 
@@ -98,6 +137,7 @@ class Deps:
     observe_command: CommandObserver | None = None
     in_flight: InFlightProbes = field(default_factory=InFlightProbes)
     running: RunningCommands = field(default_factory=RunningCommands)
+    acks: PendingAcks = field(default_factory=PendingAcks)
 
     @property
     def inventory(self) -> Inventory:

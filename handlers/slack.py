@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -30,6 +33,26 @@ ACK_HEADSTART = 0.015  # seconds; one Bolt ack poll (10 ms) plus a little
 # chat.postMessage errors after which the reply still reaches the user through response_url.
 _FALLBACK_ERRORS = frozenset({"not_in_channel", "channel_not_found", "is_archived", "restricted_action"})
 
+# Web API answers that prove Slack did nothing, so a retry cannot post twice: HTTP 500/502/503 and, in
+# Slack's words, "the service is temporarily unavailable", "the POST data was missing or truncated",
+# "Web API operations will be intermittently unavailable" (a workspace migrating to an org).
+NOTHING_DONE_STATUSES = frozenset({500, 502, 503})
+NOTHING_DONE_ERRORS = frozenset({"service_unavailable", "request_timeout", "team_added_to_org"})
+# Slack's docs on these: "It's possible some aspect of the operation succeeded before the error was
+# raised". Like a timeout or a 504, they may follow a message that was posted: a post is not repeated
+# after them (its reply goes through response_url instead); an edit, which is safe to repeat, is.
+_MAYBE_DONE_ERRORS = frozenset({"internal_error", "fatal_error"})
+# Methods that would post again if repeated; edits and lookups are safe to repeat.
+POSTING_METHODS = frozenset(
+    {"chat.postMessage", "chat.postEphemeral", "chat.meMessage", "chat.scheduleMessage", "files.upload",
+     "files.completeUploadExternal"}
+)  # fmt: skip
+RETRY_PAUSE = 0.25  # seconds before the first retry of a failed Slack call; doubled for each next one
+EDIT_RETRY_SECONDS = 4.0  # an edit is retried in line for this long (its caller waits meanwhile)
+# Then an approval message's final state (Done, Failed, Denied…) is tried again after these pauses,
+# in the background: a message left saying "Running" misleads everyone who reads it.
+FINAL_EDIT_RETRIES = (5.0, 15.0, 45.0, 120.0)
+
 UNKNOWN_FORM = "opsbot has no form like this (it may be from another version of the bot), so nothing was done."
 
 
@@ -38,6 +61,67 @@ async def group_members(client: AsyncWebClient, group_id: str) -> frozenset[str]
     response = await client.usergroups_users_list(usergroup=group_id)
     users: list[str] = response.get("users", [])
     return frozenset(users)
+
+
+def slack_trouble(exc: BaseException) -> str | None:
+    """Why a Web API call failed, when Slack (or the way to it) was in trouble rather than the request
+    wrong: the call may be tried again (if repeating it is safe) or its message sent another way."""
+    if isinstance(exc, SlackApiError):
+        status = int(getattr(exc.response, "status_code", 200) or 200)
+        error = str(exc.response.get("error") or "")
+        if status >= 500 or status == 429:
+            return f"HTTP {status}"
+        return error if error in NOTHING_DONE_ERRORS | _MAYBE_DONE_ERRORS else None
+    if isinstance(exc, TimeoutError):  # the HTTP client's read and connect timeouts are TimeoutErrors too
+        return "timeout"
+    # A connection refused, reset or dropped: an OSError, or one of the HTTP client's own errors (aiohttp's
+    # ClientError family, known by its module here: handlers import no driver).
+    if isinstance(exc, OSError) or any(cls.__module__.split(".")[0] == "aiohttp" for cls in type(exc).__mro__):
+        return f"connection ({type(exc).__name__})"
+    return None
+
+
+def nothing_done(status: int, body: object) -> bool:
+    """Whether a Web API answer proves Slack did nothing with the call (so repeating it is safe)."""
+    if status in NOTHING_DONE_STATUSES:
+        return True
+    return isinstance(body, dict) and body.get("ok") is False and body.get("error") in NOTHING_DONE_ERRORS
+
+
+def posts(url: str) -> bool:
+    """Whether the Web API call to ``url`` posts a message (repeating it could post twice)."""
+    return url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] in POSTING_METHODS
+
+
+async def edit_message(
+    client: AsyncWebClient,
+    *,
+    channel: str,
+    ts: str,
+    text: str,
+    blocks: list[Block],
+    within: float | None = None,
+    wanted: Callable[[], bool] = lambda: True,
+) -> bool:
+    """chat.update, tried again with backoff while Slack is in trouble (repeating an edit is safe, even
+    after a timeout) for up to ``within`` seconds (EDIT_RETRY_SECONDS), as long as ``wanted()`` (no
+    newer edit replaced it). Returns False if a newer edit did; raises the last error if Slack never
+    took it."""
+    deadline = time.monotonic() + (EDIT_RETRY_SECONDS if within is None else within)
+    pause = RETRY_PAUSE
+    while True:
+        try:
+            await client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+            return True
+        except Exception as exc:
+            reason = slack_trouble(exc)
+            if reason is None or time.monotonic() + pause > deadline:
+                raise
+            log.warning("slack_edit_retry", channel=channel, ts=ts, reason=reason, retry_in=pause)
+        await asyncio.sleep(pause)
+        pause *= 2
+        if not wanted():
+            return False
 
 
 class LiveMessage:
@@ -53,17 +137,21 @@ class LiveMessage:
     async def __call__(self, text: str, blocks: list[Block]) -> None:
         if self.unavailable:
             return
-        if self.ts is not None:
-            await self.client.chat_update(channel=self.channel_id, ts=self.ts, text=text, blocks=blocks)
-            return
         try:
+            if self.ts is not None:
+                await edit_message(self.client, channel=self.channel_id, ts=self.ts, text=text, blocks=blocks)
+                return
             response = await self.client.chat_postMessage(
                 channel=self.channel_id, text=text, blocks=blocks, unfurl_links=False
             )
-        except SlackApiError as exc:
-            if str(exc.response.get("error", "")) not in _FALLBACK_ERRORS:
+        except Exception as exc:
+            reason = _fallback_reason(exc)
+            if reason is None:
                 raise
-            self.unavailable = True  # the final reply still arrives through response_url
+            # Progress is worth no lost reply: the final one is delivered on its own (deliver()).
+            log.warning("live_message_failed", channel=self.channel_id, reason=reason, edit=self.ts is not None)
+            if self.ts is None:
+                self.unavailable = True
             return
         self.ts = str(response["ts"])
 
@@ -72,34 +160,65 @@ async def deliver(
     client: AsyncWebClient, respond: AsyncRespond, channel_id: str, reply: Reply, live: LiveMessage | None = None
 ) -> str | None:
     """Post a reply: ephemeral ones through response_url; public ones to the channel, overflow in
-    the thread (or as the final edit of the request's live message). If the bot cannot post in the
-    channel, the reply goes back through response_url. Returns the ts of the channel message."""
+    the thread (or as the final edit of the request's live message). Returns the ts of the channel
+    message. If the bot cannot post in the channel, or Slack's Web API fails after the client's
+    retries (or times out, when posting again could post twice), what was not posted goes back
+    through response_url; an approval's plan then says how to approve it without its message."""
     messages = messages_for(reply)
     if reply.ephemeral:
         for message in messages:
             await respond(text=message.text, blocks=message.blocks, response_type="ephemeral", replace_original=False)
         return None
-    if live is not None and live.ts is not None:
-        first, *rest = messages
-        await client.chat_update(channel=channel_id, ts=live.ts, text=first.text, blocks=first.blocks)
-        for message in rest:
-            await client.chat_postMessage(
-                channel=channel_id, text=message.text, blocks=message.blocks, thread_ts=live.ts, unfurl_links=False
-            )
-        await _upload(client, channel_id, live.ts, reply)
-        return live.ts
+    posted: list[str] = []  # the ts of each message Slack took, in order
     try:
-        ts = await _post_threaded(client, channel_id, messages)
-        await _upload(client, channel_id, ts, reply)
-        return ts
-    except SlackApiError as exc:
-        error = str(exc.response.get("error", ""))
-        if error not in _FALLBACK_ERRORS:
+        if live is not None and live.ts is not None:
+            first, *rest = messages
+            await edit_message(client, channel=channel_id, ts=live.ts, text=first.text, blocks=first.blocks)
+            posted.append(live.ts)
+            await _post_threaded(client, channel_id, rest, posted, thread_ts=live.ts)
+        else:
+            await _post_threaded(client, channel_id, messages, posted)
+    except Exception as exc:
+        reason = _fallback_reason(exc)
+        if reason is None:
             raise
-        log.info("post_fallback_to_response_url", error=error, channel=channel_id)
-        for message in messages:
-            await respond(text=message.text, blocks=message.blocks, response_type="in_channel", replace_original=False)
-        return None
+        log.warning(
+            "post_fallback_to_response_url", reason=reason, channel=channel_id, posted=len(posted), of=len(messages)
+        )
+        unsent = messages[len(posted) :]
+        if reply.approval_id is not None and not posted:
+            unsent[0] = _with_approve_hint(unsent[0], reply.approval_id)
+        for message in unsent:
+            await _respond_in_channel(respond, message)
+    ts = posted[0] if posted else None
+    if ts is not None:
+        await _upload(client, channel_id, ts, reply)
+    return ts
+
+
+def _fallback_reason(exc: BaseException) -> str | None:
+    """Why a post failed, if its message should go through response_url instead; else None."""
+    if isinstance(exc, SlackApiError) and (error := str(exc.response.get("error") or "")) in _FALLBACK_ERRORS:
+        return error
+    return slack_trouble(exc)
+
+
+def _with_approve_hint(message: OutMessage, approval_id: str) -> OutMessage:
+    """An approval's plan sent through response_url: its message's ts is unknown until someone clicks
+    one of its buttons, so it also says how to approve without them."""
+    hint = bk.context(
+        f"The bot could not post this in the channel, so it came back as the command's reply: its buttons "
+        f"work, and an approver can also run `/ops approve {approval_id}`."
+    )
+    if len(message.blocks) >= bk.MAX_BLOCKS:
+        return message
+    return OutMessage(message.text, [*message.blocks, hint], message.in_thread)
+
+
+async def _respond_in_channel(respond: AsyncRespond, message: OutMessage) -> None:
+    answer = await respond(text=message.text, blocks=message.blocks, response_type="in_channel", replace_original=False)
+    if answer.status_code != 200:  # the webhook client answers instead of raising
+        log.error("response_url_post_failed", status=answer.status_code, body=str(answer.body)[:200])
 
 
 async def post_reply(client: AsyncWebClient, channel_id: str, reply: Reply) -> str | None:
@@ -121,8 +240,15 @@ async def _upload(client: AsyncWebClient, channel_id: str, thread_ts: str | None
             log.warning("file_upload_failed", filename=upload.filename, exc_info=True)
 
 
-async def _post_threaded(client: AsyncWebClient, channel_id: str, messages: list[OutMessage]) -> str | None:
-    thread_ts: str | None = None
+async def _post_threaded(
+    client: AsyncWebClient,
+    channel_id: str,
+    messages: list[OutMessage],
+    posted: list[str] | None = None,
+    thread_ts: str | None = None,
+) -> str | None:
+    """Post ``messages`` in order, ``in_thread`` ones under the first (or under ``thread_ts``); the ts
+    of each one Slack took is appended to ``posted``. Returns the thread's ts."""
     for message in messages:
         response = await client.chat_postMessage(
             channel=channel_id,
@@ -131,8 +257,11 @@ async def _post_threaded(client: AsyncWebClient, channel_id: str, messages: list
             thread_ts=thread_ts if message.in_thread else None,
             unfurl_links=False,
         )
+        ts = str(response["ts"])
+        if posted is not None:
+            posted.append(ts)
         if thread_ts is None:
-            thread_ts = str(response["ts"])
+            thread_ts = ts
     return thread_ts
 
 
@@ -143,19 +272,67 @@ class SlackNotifier:
         self.client = client
         self.engine = engine
         self.ops_channel = ops_channel
+        self._edits = itertools.count(1)
+        self._latest: dict[str, int] = {}  # approval id -> its newest edit (an older one stops retrying)
+        self._later: dict[str, asyncio.Task[None]] = {}  # final states tried again in the background
 
     async def show(self, approval: Approval, note: str | None = None) -> None:
+        """Edit the approval's message to say where it stands, retried while Slack is in trouble; a
+        final state Slack still refuses is tried again in the background, and logged if it never lands.
+        (A plan sent through response_url has no known message until one of its buttons is clicked.)"""
         if approval.message_channel is None or approval.message_ts is None:
             return
+        edit = self._latest[approval.id] = next(self._edits)
+        if (superseded := self._later.pop(approval.id, None)) is not None:
+            superseded.cancel()
+        fields: dict[str, Any] = {"channel": approval.message_channel, "ts": approval.message_ts}
         try:
-            await self.client.chat_update(
-                channel=approval.message_channel,
-                ts=approval.message_ts,
-                text=approval_text(approval),
-                blocks=approval_blocks(self.engine, approval, note),
-            )
-        except Exception:
-            log.warning("approval_message_edit_failed", approval=approval.id, exc_info=True)
+            fields |= {"text": approval_text(approval), "blocks": approval_blocks(self.engine, approval, note)}
+            await edit_message(self.client, **fields, wanted=lambda: self._latest.get(approval.id) == edit)
+        except Exception as exc:
+            state = approval.state.value
+            if not approval.state.final or slack_trouble(exc) is None:
+                log.warning("approval_message_edit_failed", approval=approval.id, state=state, exc_info=True)
+                return
+            log.error(
+                "approval_message_edit_failed", approval=approval.id, state=state, retry_in=FINAL_EDIT_RETRIES[0],
+                exc_info=True,
+            )  # fmt: skip
+            self._later[approval.id] = asyncio.create_task(self._edit_later(approval, fields, edit))
+        finally:
+            if self._latest.get(approval.id) == edit and approval.id not in self._later:
+                del self._latest[approval.id]
+
+    async def _edit_later(self, approval: Approval, fields: dict[str, Any], edit: int) -> None:
+        """The final state's edit again, after each of FINAL_EDIT_RETRIES, until Slack takes it."""
+        state = approval.state.value
+        try:
+            for pause in FINAL_EDIT_RETRIES:
+                await asyncio.sleep(pause)
+                try:
+                    await self.client.chat_update(**fields)
+                except Exception as exc:
+                    reason = slack_trouble(exc)
+                    log.warning("approval_message_edit_failed", approval=approval.id, state=state, reason=reason)
+                    if reason is None:
+                        break
+                    continue
+                log.info("approval_message_edited_late", approval=approval.id, state=state)
+                return
+            log.error("approval_final_edit_lost", approval=approval.id, state=state, ts=fields["ts"])
+        finally:
+            if self._later.get(approval.id) is asyncio.current_task():
+                del self._later[approval.id]
+            if self._latest.get(approval.id) == edit:
+                del self._latest[approval.id]
+
+    async def close(self) -> None:
+        """Stop the background edits; each final state Slack never took is logged as lost."""
+        pending = list(self._later.items())
+        for approval_id, task in pending:
+            task.cancel()
+            log.error("approval_final_edit_lost", approval=approval_id, reason="the bot is stopping")
+        await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
 
     async def finished(self, approval: Approval) -> None:
         if approval.message_channel is None or approval.message_ts is None or not approval.result:
@@ -240,7 +417,7 @@ def register(app: AsyncApp, router: Router, deps: Deps) -> None:
         request_id = context["request_id"] = new_request_id()
         retry = ",".join(req.headers.get("x-slack-retry-num") or ()) or None
         async with deps.running.track():
-            await asyncio.sleep(ACK_HEADSTART)
+            await deps.acks.settled()  # acks first (handlers/context.py PendingAcks)
             await on_click(deps, body, action, respond, request_id, retry)
 
     @app.view(re.compile(".*"))
@@ -283,9 +460,9 @@ async def serve_command(
 
     live = LiveMessage(client, channel_id)
     async with deps.running.track():  # from the ack on, a shutdown waits for this command
-        # Bolt notices the ack on its next 10 ms poll: let the 200 go out before this command's
-        # work competes with it (and with the acks of a burst of other commands).
-        await asyncio.sleep(ACK_HEADSTART)
+        # Bolt notices the ack on its next 10 ms poll: let this 200, and those of a burst of other
+        # requests, go out before this command's work competes with them.
+        await deps.acks.settled()
         reply = await router.dispatch(
             user_id=user, channel_id=channel_id, text=text, deps=deps, request_id=request_id,
             progress=progress, live=live,

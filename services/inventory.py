@@ -117,11 +117,27 @@ class JobsTable(_Model):
         return self
 
 
+QueueName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+
+
+class QueueSettings(_Model):
+    """Bull or BullMQ job queues kept in a Redis (runbook 001), read and cleaned by `/ops queue`."""
+
+    library: Literal["bull", "bullmq"] = Field(description="The Node library writing them: bull (4.x) or bullmq (5.x).")
+    prefix: str = Field(
+        "bull", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Key prefix (the library's `prefix` option)."
+    )
+    names: list[QueueName] = Field(
+        default_factory=list, description="Queue names; empty: found with a bounded SCAN for <prefix>:*:id."
+    )
+
+
 class RedisComponent(ComponentBase):
     type: Literal["redis"]
     url: SecretStr = Field(description="redis://[:password@]host:port/db, usually ${VAR}.")
     memory_warning_pct: float = Field(80.0, gt=0, le=100)
     memory_critical_pct: float = Field(95.0, gt=0, le=100)
+    queues: QueueSettings | None = Field(None, description="Bull/BullMQ queues in this Redis, for `/ops queue`.")
 
     @model_validator(mode="after")
     def _thresholds_in_order(self) -> RedisComponent:
@@ -130,11 +146,41 @@ class RedisComponent(ComponentBase):
         return self
 
 
+CollectionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}$")]
+FieldPath = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,7}$")
+]
+MatchValue = Annotated[str, StringConstraints(max_length=200)] | int | bool
+
+
+class DocumentCleanupRule(_Model):
+    """Documents `/ops cleanup` deletes: those equal to `match` whose `time_field` is older than N days."""
+
+    name: Name
+    collection: CollectionName
+    match: dict[FieldPath, MatchValue | list[MatchValue]] = Field(
+        default_factory=dict, description="Field equal to a value, or one of a list, e.g. {status: failed}."
+    )
+    time_field: FieldPath = Field("createdAt", description="A date field; documents older than the limit are deleted.")
+    older_than_days: int = Field(ge=1, le=3650)
+
+    @model_validator(mode="after")
+    def _plain_rule(self) -> DocumentCleanupRule:
+        if self.collection.startswith("system."):
+            raise ValueError(f"{self.collection}: system collections are not cleaned up")
+        if "_id" in self.match:
+            raise ValueError("match may not name _id (a plan deletes by the ids it lists)")
+        if self.time_field in self.match:
+            raise ValueError(f"{self.time_field} is both the time field and in match")
+        return self
+
+
 class MongoComponent(ComponentBase):
     type: Literal["mongodb"]
     uri: SecretStr = Field(description="mongodb://user:password@host:port, usually ${VAR}.")
     database: str = Field(min_length=1)
     collections: list[str] = Field(default_factory=list, description="Collections whose counts are shown.")
+    cleanup: list[DocumentCleanupRule] = Field(default_factory=list, description="Rules of `/ops cleanup`.")
 
 
 class QdrantComponent(ComponentBase):
@@ -311,11 +357,62 @@ class ServiceBackup(_Model):
     expected_every_hours: float | None = Field(None, gt=0)
 
 
+def _inside_root(path: str) -> str:
+    """A path relative to its root that cannot leave it."""
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or ".." in parts:
+        raise ValueError(f"{path!r} leaves its root (use a path relative to the root, without ..)")
+    return path
+
+
+class FileCleanupRule(_Model):
+    """Files `/ops cleanup` deletes: regular files under a declared root older than N days."""
+
+    name: Name
+    root: Name = Field(description="One of this service's cleanup roots.")
+    path: Annotated[str, StringConstraints(max_length=300)] = Field(
+        "", description="A directory under the root, relative to it (empty: the root itself)."
+    )
+    match: str = Field("*", min_length=1, max_length=100, pattern=r"^[^/\\]+$", description="File-name pattern.")
+    older_than_days: int = Field(ge=1, le=3650)
+    recursive: bool = Field(True, description="Also look in the directories below.")
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        return _inside_root(value)
+
+
+class CleanupSettings(_Model):
+    """Directories `/ops cleanup` may delete files in, and its file rules."""
+
+    roots: dict[Name, Path] = Field(default_factory=dict, description="Absolute directories, by name.")
+    files: list[FileCleanupRule] = Field(default_factory=list)
+
+    @field_validator("roots")
+    @classmethod
+    def _absolute_roots(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name, root in value.items():
+            if not root.is_absolute() or ".." in root.parts or root == Path(root.anchor):
+                raise ValueError(f"{name}: {str(root)!r} must be an absolute directory below / (without ..)")
+        return value
+
+    @model_validator(mode="after")
+    def _declared_roots(self) -> CleanupSettings:
+        for rule in self.files:
+            if rule.root not in self.roots:
+                raise ValueError(
+                    f"file rule {rule.name!r}: root {rule.root!r} is not one of roots: {sorted(self.roots)}"
+                )
+        return self
+
+
 class Service(_Model):
     description: str = ""
     runbook: str | None = Field(None, description="Which runbook this service follows.")
     components: dict[Name, Component] = Field(min_length=1)
     backup: ServiceBackup = Field(default_factory=ServiceBackup)
+    cleanup: CleanupSettings = Field(default_factory=CleanupSettings, description="Files `/ops cleanup` deletes.")
 
 
 class Roles(_Model):
@@ -475,6 +572,16 @@ def _cross_checks(inventory: Inventory) -> list[str]:
         and spec.jobs is not None
         and not _has_jobs_table(inventory.services[s].components.get(spec.jobs))
     ]
+    for name, service in inventory.services.items():
+        rules = [
+            r.name for spec in service.components.values() if isinstance(spec, MongoComponent) for r in spec.cleanup
+        ]
+        rules += [r.name for r in service.cleanup.files]
+        problems += [
+            f"services.{name}.cleanup: the rule name {rule!r} is used twice"
+            for rule in sorted(set(rules))
+            if rules.count(rule) > 1
+        ]
     seen: set[str] = set()
     for index, schedule in enumerate(inventory.schedules):
         if schedule.name in seen:

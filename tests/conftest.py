@@ -8,7 +8,13 @@ import pytest
 from bot.logging import configure_logging
 from services.redaction import Redactor
 
-pytest_plugins = ["tests.fixtures.servers", "tests.fixtures.slack", "tests.fixtures.aws", "tests.fixtures.qdrant"]
+pytest_plugins = [
+    "tests.fixtures.servers",
+    "tests.fixtures.slack",
+    "tests.fixtures.aws",
+    "tests.fixtures.qdrant",
+    "tests.fixtures.raw_mongo",
+]
 
 
 @pytest.fixture(autouse=True)

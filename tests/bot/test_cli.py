@@ -362,8 +362,10 @@ def test_config_check_refuses_an_approval_rule_for_an_unknown_command(
     )
     assert config_check(path) == 1
     err = capsys.readouterr().err
-    assert "approvals.commands.jobs reset: not a command that needs approval (those are: jobs reset-stuck, " in err
-    assert "lifecycle, restart, restore, rollback, scale)" in err
+    assert "approvals.commands.jobs reset: not a command that needs approval (those are: " in err
+    listed = err.split("(those are: ", 1)[1].split(")", 1)[0].split(", ")
+    assert listed == sorted(listed)
+    assert {"jobs reset-stuck", "lifecycle", "restart", "restore", "rollback", "scale"} <= set(listed)
 
 
 def test_config_check_refuses_a_schedule_whose_command_is_not_one(

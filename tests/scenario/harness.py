@@ -70,6 +70,16 @@ class Bot:
 
         return await wait_until(attached, f"the message of approval {approval_id} is attached", timeout=timeout)
 
+    async def plan_posted(self, before: int, timeout: float = 20) -> Approval:  # noqa: ASYNC109
+        """The approval whose plan (with its buttons) is the first posted after the first ``before``
+        posts; other posts in between (a finished run's details in its thread) are passed over."""
+
+        def plans() -> list[str]:
+            return [i for c in self.slack.calls_to("chat.postMessage")[before:] if (i := approval_id_of(c))]
+
+        [approval_id, *_] = await wait_until(plans, "a plan is posted with its buttons", timeout=timeout)
+        return await self.approval_posted(approval_id, timeout)
+
     async def settled(self, approval: Approval, timeout: float = 20) -> Approval:  # noqa: ASYNC109
         """The approval once it reached a final state and its message was edited to say so."""
         store = self.container.store
@@ -87,6 +97,14 @@ class Bot:
 
         await wait_until(edited, f"the message of approval {approval.id} says {line!r}", timeout=timeout)
         return current
+
+
+def approval_id_of(call: Call) -> str | None:
+    """The approval id on the buttons of a posted plan, or None for any other message."""
+    for block in call.json_param("blocks") or []:
+        if str(block.get("block_id", "")).startswith("approval:"):
+            return str(block["elements"][0]["value"])
+    return None
 
 
 def all_text(call: Call) -> str:

@@ -97,8 +97,7 @@ class World:
         before = len(self.slack.calls_to("chat.postMessage"))
         answer = await self.bot.command(text, user=user, channel=channel)
         assert answer.status == 200
-        posts = await self.slack.wait_for("chat.postMessage", count=before + 1)
-        return await self.bot.approval_posted(posts[-1].params["blocks"][-1]["elements"][0]["value"])
+        return await self.bot.plan_posted(before)
 
     async def click(self, action_id: str, approval: Approval, user: str, **kwargs: Any) -> int:
         body = self.slack.block_actions_body(

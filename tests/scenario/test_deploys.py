@@ -51,8 +51,7 @@ class World:
         return texts(calls[-1])
 
     async def requested(self, before: int) -> Approval:
-        posts = await self.slack.wait_for("chat.postMessage", count=before + 1, timeout=20)
-        return await self.bot.approval_posted(posts[-1].params["blocks"][-1]["elements"][0]["value"])
+        return await self.bot.plan_posted(before)
 
     async def request(self, text: str, user: str = OPERATOR) -> Approval:
         before = len(self.slack.calls_to("chat.postMessage"))

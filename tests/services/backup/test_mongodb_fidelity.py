@@ -1,8 +1,9 @@
 """MongoDB backups keep every BSON type, option and index byte for byte (issue 12).
 
 The dump and restore run for real (MongoSource, the real AsyncMongoClient, its codec) against
-``RawMongo``: a MongoDB wire-protocol double on loopback that never parses what it stores. It keeps
-the documents of an insert as the bytes that arrived in the OP_MSG, serves a find with those bytes,
+``RawMongo`` (tests/fixtures/raw_mongo.py): a MongoDB wire-protocol double on loopback that never
+parses what it stores. It keeps the documents of an insert as the bytes that arrived in the OP_MSG,
+serves a find with those bytes,
 answers listCollections and listIndexes with the options and index specs a test gives it as BSON
 (written as MongoDB 7 returns them), and records every command as it arrived. So "the bytes that
 come out of a restore equal the bytes that went into the dump" is checked where nothing can hide
@@ -31,8 +32,7 @@ import io
 import struct
 import tarfile
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +60,7 @@ from pymongo import AsyncMongoClient
 from services.backup.base import BackupError
 from services.backup.mongodb import MongoSource
 from services.redaction import Redactor
+from tests.fixtures.raw_mongo import RawMongo, options_of
 
 RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 
@@ -210,251 +211,6 @@ def documents_of_every_kind() -> list[bytes]:
     ]
     many = [encode(SON([("_id", i), ("n", Int64(i)), ("v", i / 7)])) for i in range(1000, 1250)]
     return [every_bson_type(), *other_ids, *many]
-
-
-# --- RawMongo: a wire-protocol double that keeps BSON as bytes -----------------------------------------
-
-OP_MSG = 2013
-_CHECKSUM_PRESENT = 1
-_MORE_TO_COME = 2
-_HEADER = struct.Struct("<iiii")
-_FIRST_BATCH = 101  # documents in a first batch when none is asked for, as MongoDB does
-
-
-def raw(document: Any) -> RawBSONDocument:
-    return RawBSONDocument(document if isinstance(document, bytes) else encode(document), RAW)
-
-
-def id_index() -> bytes:
-    return encode(SON([("v", 2), ("key", SON([("_id", 1)])), ("name", "_id_")]))
-
-
-@dataclass
-class Stored:
-    """A collection in RawMongo: everything as the bytes it was given."""
-
-    documents: list[bytes] = field(default_factory=list)
-    options: bytes = field(default_factory=lambda: encode({}))
-    indexes: list[bytes] = field(default_factory=lambda: [id_index()])
-    uuid: Binary | None = None
-
-
-@dataclass(frozen=True)
-class Sent:
-    """A command as it arrived: its body, and the OP_MSG document sequence (an insert's documents)."""
-
-    database: str
-    name: str
-    body: RawBSONDocument
-    documents: list[bytes]
-
-
-def _error(code: int, name: str, message: str) -> dict[str, Any]:
-    return {"ok": 0.0, "errmsg": message, "code": code, "codeName": name}
-
-
-class RawMongo:
-    """Answers what PyMongo and MongoSource send (hello, listCollections, listIndexes, find, getMore,
-    drop, create, insert, createIndexes); anything else fails with CommandNotFound, loudly."""
-
-    def __init__(self) -> None:
-        self.collections: dict[tuple[str, str], Stored] = {}
-        self.sent: list[Sent] = []
-        self._cursors: dict[int, tuple[str, list[bytes]]] = {}
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._request_id = 0
-
-    @property
-    def uri(self) -> str:
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        return f"mongodb://127.0.0.1:{port}/?directConnection=true"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        for writer in list(self._writers):
-            await writer.wait_closed()
-        await self._server.wait_closed()
-
-    def seed(
-        self,
-        database: str,
-        collection: str,
-        documents: Iterable[bytes] = (),
-        *,
-        options: bytes | None = None,
-        indexes: list[bytes] | None = None,
-        collection_uuid: Binary | None = None,
-    ) -> None:
-        stored = self.collections.setdefault((database, collection), Stored())
-        stored.documents.extend(documents)
-        if options is not None:
-            stored.options = options
-        if indexes is not None:
-            stored.indexes = indexes
-        stored.uuid = collection_uuid
-
-    def commands(self, database: str) -> list[Sent]:
-        return [command for command in self.sent if command.database == database]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            while True:
-                length, request_id, _, op_code = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-                message = await reader.readexactly(length - _HEADER.size)
-                if op_code != OP_MSG:
-                    raise AssertionError(f"RawMongo speaks OP_MSG only, got op code {op_code}")
-                flags = int.from_bytes(message[:4], "little")
-                body, documents = _sections(message[4 : len(message) - 4 * (flags & _CHECKSUM_PRESENT)])
-                reply = encode(self._answer(body, documents))
-                if flags & _MORE_TO_COME:
-                    continue
-                self._request_id += 1
-                data = struct.pack("<IB", 0, 0) + reply
-                writer.write(_HEADER.pack(_HEADER.size + len(data), self._request_id, request_id, OP_MSG) + data)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    def _answer(self, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        name = next(iter(body))
-        database = str(body["$db"])
-        if name in ("hello", "isMaster", "ismaster"):
-            return {
-                "helloOk": True,
-                "isWritablePrimary": True,
-                "ismaster": True,
-                "maxBsonObjectSize": 16 * 1024 * 1024,
-                "maxMessageSizeBytes": 48_000_000,
-                "maxWriteBatchSize": 100_000,
-                "localTime": datetime.now(UTC),
-                "minWireVersion": 0,
-                "maxWireVersion": 21,  # MongoDB 7.0
-                "readOnly": False,
-                "ok": 1.0,
-            }
-        self.sent.append(Sent(database, name, body, documents))
-        handler = getattr(self, f"_{name}", None)
-        if handler is None:
-            return _error(59, "CommandNotFound", f"no such command: '{name}' (RawMongo)")
-        answer: dict[str, Any] = handler(database, body, documents)
-        return answer
-
-    def _ping(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        return {"ok": 1.0}
-
-    _endSessions = _killCursors = _ping
-
-    def _cursor(self, namespace: str, items: list[bytes], batch: int | None, first: bool) -> dict[str, Any]:
-        size = len(items) if batch is None else batch
-        now, rest = items[:size], items[size:]
-        cursor_id = 0
-        if rest:
-            cursor_id = len(self._cursors) + 1
-            self._cursors[cursor_id] = (namespace, rest)
-        key = "firstBatch" if first else "nextBatch"
-        batch_docs = [raw(item) for item in now]
-        return {"cursor": {key: batch_docs, "id": Int64(cursor_id), "ns": namespace}, "ok": 1.0}
-
-    def _listCollections(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        wanted = body.get("filter") or {}
-        if set(wanted) - {"name"}:
-            return _error(2, "BadValue", f"RawMongo filters listCollections by name only, not {dict(wanted)}")
-        entries = []
-        for (db, name), stored in sorted(self.collections.items()):
-            if db != database or ("name" in wanted and wanted["name"] != name):
-                continue
-            info = SON([("readOnly", False)] + ([("uuid", stored.uuid)] if stored.uuid else []))
-            entry = SON([("name", name), ("type", "collection"), ("options", raw(stored.options)), ("info", info)])
-            entry["idIndex"] = raw(stored.indexes[0])
-            entries.append(encode(entry))
-        return self._cursor(f"{database}.$cmd.listCollections", entries, body.get("batchSize"), True)
-
-    def _listIndexes(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        stored = self.collections.get((database, body["listIndexes"]))
-        if stored is None:
-            return _error(26, "NamespaceNotFound", f"ns does not exist: {database}.{body['listIndexes']}")
-        return self._cursor(f"{database}.{body['listIndexes']}", stored.indexes, None, True)
-
-    def _find(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        if body.get("filter"):
-            return _error(2, "BadValue", "RawMongo finds everything or nothing")
-        stored = self.collections.get((database, body["find"]), Stored())
-        batch = body.get("batchSize", _FIRST_BATCH)
-        return self._cursor(f"{database}.{body['find']}", list(stored.documents), batch, True)
-
-    def _getMore(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        namespace, rest = self._cursors.pop(int(body["getMore"]))
-        return self._cursor(namespace, rest, body.get("batchSize"), False)
-
-    def _drop(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        self.collections.pop((database, body["drop"]), None)
-        return {"ok": 1.0}
-
-    def _create(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        if (database, body["create"]) in self.collections:
-            return _error(48, "NamespaceExists", f"Collection {database}.{body['create']} already exists.")
-        self.collections[(database, body["create"])] = Stored(options=options_of(body))
-        return {"ok": 1.0}
-
-    def _insert(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        sent = documents or [document.raw for document in body.get("documents", [])]
-        self.collections.setdefault((database, body["insert"]), Stored()).documents.extend(sent)
-        return {"n": len(sent), "ok": 1.0}
-
-    def _createIndexes(self, database: str, body: RawBSONDocument, documents: list[bytes]) -> dict[str, Any]:
-        stored = self.collections.setdefault((database, body["createIndexes"]), Stored())
-        before = len(stored.indexes)
-        stored.indexes.extend(spec.raw for spec in body["indexes"])
-        return {"numIndexesBefore": before, "numIndexesAfter": len(stored.indexes), "ok": 1.0}
-
-
-def _sections(message: bytes) -> tuple[RawBSONDocument, list[bytes]]:
-    """An OP_MSG's body (kind 0) and the documents of its document sequence (kind 1), unparsed."""
-    body: RawBSONDocument | None = None
-    documents: list[bytes] = []
-    at = 0
-    while at < len(message):
-        kind, at = message[at], at + 1
-        size = _int32(message, at)
-        if kind == 0:
-            body = RawBSONDocument(message[at : at + size], RAW)
-            at += size
-            continue
-        end = at + size
-        at = message.index(b"\0", at + 4) + 1  # past the sequence's identifier ("documents")
-        while at < end:
-            documents.append(message[at : at + _int32(message, at)])
-            at += _int32(message, at)
-    assert body is not None, "an OP_MSG without a body"
-    return body, documents
-
-
-def options_of(create: RawBSONDocument) -> bytes:
-    """A create command's collection options: its fields but the command name and $-fields, in order.
-    Nested documents stay raw; top-level scalars are decoded and re-encoded (to the same bytes)."""
-    return encode(SON((key, value) for key, value in create.items() if key != "create" and not key.startswith("$")))
-
-
-@pytest.fixture
-async def raw_mongo() -> AsyncIterator[RawMongo]:
-    server = RawMongo()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def source_for(uri: str, database: str) -> MongoSource:
