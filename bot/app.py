@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from slack_bolt.async_app import AsyncApp
 
+from bot.bolt_app import OpsBoltApp, SlackRequestCounter
 from bot.container import Container
 from handlers.slack import register
 
@@ -17,20 +16,15 @@ def build_bolt_app(container: Container) -> AsyncApp:
     settings = container.settings
     if container.slack is None:
         raise RuntimeError("SLACK_BOT_TOKEN is not set")
-    app = AsyncApp(
+    app = OpsBoltApp(
+        acks=container.deps.acks,  # a command's work waits until no ack is pending
+        session=container.slack.session,  # replies through response_url reuse its connections
         client=container.slack,
         signing_secret=settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None,
         logger=logging.getLogger("slack_bolt"),
         # Acks go back as soon as a listener calls ack(); the work continues afterwards.
         process_before_response=False,
     )
-    metrics = container.metrics
-
-    @app.middleware
-    async def count_requests(body: dict[str, Any], next: Callable[[], Awaitable[None]]) -> None:
-        # Runs after Bolt has verified the signature: counts what Slack really sent.
-        metrics.count_slack_request("command" if "command" in body else str(body.get("type", "other")))
-        await next()
-
+    app.use(SlackRequestCounter(container.metrics))
     register(app, container.router, container.deps)
     return app

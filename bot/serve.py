@@ -34,6 +34,8 @@ DRAIN_TIMEOUT = 30.0
 SWEEP_EVERY = 10.0
 # How often the scheduler looks for due schedules (fire times are exact; this is the latency).
 SCHEDULE_EVERY = 20.0
+# Net new container objects between two young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 10_000
 
 
 async def _started(runtime: Runtime) -> str | None:
@@ -133,6 +135,11 @@ async def _run(
         # rescanning it (full collections over the libraries' objects stall acks ~100 ms).
         gc.collect()
         gc.freeze()
+        # Requests leave no cyclic garbage (tests/bot/test_reference_cycles.py), so young
+        # collections can be rarer: at CPython's 700, the state of commands still at work (a
+        # health check waits seconds for its probes) is scanned and promoted again and again, and
+        # the full collections that follow pause the event loop 20-70 ms amid a burst of acks.
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         if socket_mode:
             app_token = settings.slack_app_token.get_secret_value() if settings.slack_app_token else ""
             handler = AsyncSocketModeHandler(bolt, app_token, web_client=container.slack)

@@ -187,16 +187,20 @@ async def check_health(
         else:
             runnable.append((target, probe))
     shared = in_flight or InFlightProbes()
-    # shield: hitting this check's deadline must not cancel a probe another check is waiting on.
-    tasks = [asyncio.shield(shared.start(t, p, redactor, observe)) for t, p in runnable]
+    tasks = [shared.start(t, p, redactor, observe) for t, p in runnable]
+    cut: set[asyncio.Task[ProbeResult]] = set()
     if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=deadline)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        # Waited on, not shielded (a shield per probe and check is ~30 objects the event loop keeps
+        # for as long as the probe runs): this check's deadline leaves a shared probe running for
+        # the other checks waiting on it, and every probe ends at its own timeout anyway.
+        _, cut = await asyncio.wait(tasks, timeout=deadline)
+        if in_flight is None:  # probes of this check alone: stop them
+            for task in cut:
+                task.cancel()
+            await asyncio.gather(*cut, return_exceptions=True)
     items: list[ComponentHealth] = []
     for (target, _), task in zip(runnable, tasks, strict=True):
-        if task.cancelled():
+        if task in cut or task.cancelled():
             waited = (time.perf_counter() - started) * 1000
             result = ProbeResult(Status.CRITICAL, f"cut off at the overall deadline of {deadline:g} s", waited)
         else:
