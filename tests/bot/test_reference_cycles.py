@@ -26,6 +26,7 @@ from bot.metrics import Metrics
 from bot.sample_app import SampleAppState, start_sample_app
 from bot.server import Readiness, Runtime, build_web_app
 from bot.settings import Settings
+from handlers.context import RunningCommands
 from services.redaction import Redactor
 from tests.fixtures.slack import sign, slash_body
 from tests.fixtures.wait import wait_until
@@ -99,7 +100,7 @@ def remote_slack() -> Iterator[RemoteSlack]:
 class Driver:
     """Signed /ops commands into the served app; waits until their replies have reached Slack."""
 
-    def __init__(self, url: str, slack: RemoteSlack, http: aiohttp.ClientSession, running: object) -> None:
+    def __init__(self, url: str, slack: RemoteSlack, http: aiohttp.ClientSession, running: RunningCommands) -> None:
         self.url, self.slack, self.http, self.running = url, slack, http, running
         self.sent = 0
 
@@ -118,7 +119,7 @@ class Driver:
         async def delivered() -> bool:
             replies, refused = await asyncio.to_thread(self.slack.counts)
             assert refused == 0, f"Slack would have refused {refused} reply(ies) to /ops {text}"
-            return replies - replies_before >= count and self.running.count == 0  # type: ignore[attr-defined]
+            return replies - replies_before >= count and self.running.count == 0
 
         await wait_until(delivered, f"{count} replies to /ops {text} reach Slack", timeout=30)
 
