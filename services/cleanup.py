@@ -22,15 +22,12 @@ from bson import json_util
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
-    ConfigurationError,
-    ConnectionFailure,
-    OperationFailure,
     PyMongoError,
     ServerSelectionTimeoutError,
 )
 
 from services.errors import CommandError
-from services.failures import network_problem, short_error
+from services.failures import mongo_problem
 from services.inventory import DocumentCleanupRule, MongoComponent, secrets_in
 from services.redaction import Redactor
 
@@ -112,18 +109,7 @@ class MongoAccess:
 
     def problem(self, exc: BaseException) -> str:
         """Why MongoDB failed, as a phrase without the URI's password."""
-        timeout = self.spec.timeout
-        if isinstance(exc, ConfigurationError | ValueError | TypeError):
-            return f"the MongoDB URI is not valid ({type(exc).__name__})"  # its text may hold the password
-        if isinstance(exc, OperationFailure) and exc.code in (13, 18):
-            return "authentication failed" if exc.code == 18 else "not authorised"
-        if isinstance(exc, ConnectionFailure):
-            found = network_problem(exc)
-            if found and found != "timed out":
-                return found
-            return f"no server answered within {timeout:g} s"
-        text = short_error(exc, self._scrubber)
-        return self._redactor.redact(text) if self._redactor is not None else text
+        return mongo_problem(exc, self.spec.timeout, self._scrubber, self._redactor)
 
     @asynccontextmanager
     async def database(self, doing: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:

@@ -61,3 +61,18 @@ def short_error(exc: BaseException, redactor: Redactor | None = None, limit: int
     if redactor is not None:
         text = redactor.redact(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def mongo_problem(exc: BaseException, timeout: float, scrub: Redactor, outer: Redactor | None = None) -> str:
+    """Why a MongoDB call failed, as a phrase without the URI's password (``scrub`` knows it)."""
+    from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure
+
+    if isinstance(exc, ConfigurationError | ValueError | TypeError):
+        return f"the MongoDB URI is not valid ({type(exc).__name__})"  # its text may hold the password
+    if isinstance(exc, OperationFailure) and exc.code in (13, 18):
+        return "authentication failed" if exc.code == 18 else "not authorised"
+    if isinstance(exc, ConnectionFailure):
+        found = network_problem(exc)
+        return found if found and found != "timed out" else f"no server answered within {timeout:g} s"
+    text = short_error(exc, scrub)
+    return outer.redact(text) if outer is not None else text

@@ -31,11 +31,11 @@ from bson.son import SON
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConfigurationError, ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from services.backup.base import CHUNK, BackupError, DumpInfo
 from services.backup.bridge import file_chunks, parse_stream, private_dir, read_stream, read_to_end
-from services.failures import network_problem, short_error
+from services.failures import mongo_problem, short_error
 from services.inventory import secrets_in
 from services.redaction import Redactor
 
@@ -247,17 +247,7 @@ class MongoSource:
 
     def _problem(self, exc: BaseException) -> str:
         """Why MongoDB failed, as a phrase without the URI's password."""
-        if isinstance(exc, ConfigurationError | ValueError | TypeError):
-            return f"the MongoDB URI is not valid ({type(exc).__name__})"  # its text may hold the password
-        if isinstance(exc, OperationFailure) and exc.code in (13, 18):
-            return "authentication failed" if exc.code == 18 else "not authorised"
-        if isinstance(exc, ConnectionFailure):
-            found = network_problem(exc)
-            if found and found != "timed out":
-                return found
-            return f"no server answered within {self._timeout:g} s"
-        text = short_error(exc, self._redactor)
-        return self._outer_redactor.redact(text)
+        return mongo_problem(exc, self._timeout, self._redactor, self._outer_redactor)
 
     async def _names(self, database: AsyncDatabase[dict[str, Any]]) -> list[str]:
         """Collections to dump: the configured ones, else every plain collection but system.*."""
