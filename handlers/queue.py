@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -16,7 +17,7 @@ from services.access import Risk
 from services.approvals import ApprovalEngine, Outcome, Plan, Progress
 from services.errors import CommandError
 from services.inventory import Inventory, RedisComponent
-from services.plan_lists import PlanLists
+from services.plan_lists import PlanList, PlanLists
 from services.queues import (
     QUEUE_NAME,
     BatchResult,
@@ -178,6 +179,38 @@ def _queue_fact(ref: QueueRef) -> str:
     return f"{ref.library} queue {ref.prefix}:{ref.name}"
 
 
+@dataclass(frozen=True)
+class _Planned:
+    """The jobs a clean or retry would touch: where, how many, and their saved id list."""
+
+    service: str
+    target: QueueTarget
+    ref: QueueRef
+    saved: PlanList
+    more: str  # " (the oldest N of M; ask again for the rest)" when the plan is capped
+    sample: str
+
+
+async def _plan_jobs(
+    ctx: OpsContext, service_name: str, queue: str, state: Literal["completed", "failed"], cutoff_ms: float
+) -> tuple[_Planned | None, str]:
+    """Find the queue and list its ``state`` jobs finished before ``cutoff_ms``; save the ids beside
+    the coming approval. ``None`` (and the queue's name) when there is none."""
+    inventory, redactor = ctx.deps.inventory, ctx.deps.redactor
+    service = resolve_service(inventory, service_name)
+    _queue_name(queue)
+    target, ref = await find_queue(inventory, service, queue, redactor)
+    client = target.client(redactor)
+    await client.check_library(ref)
+    ids, total = await client.finished_ids(ref, state, cutoff_ms=cutoff_ms, limit=MAX_PLAN)
+    if not ids:
+        return None, ref.name
+    saved = await _runs(ctx).lists.save(ids)
+    more = f" (the oldest {len(ids):,} of {total:,}; ask again for the rest)" if total > len(ids) else ""
+    sample = ", ".join(saved.sample[:SAMPLE]) + (" …" if saved.count > SAMPLE else "")
+    return _Planned(service, target, ref, saved, more, sample), ref.name
+
+
 @subcommand(
     "queue clean",
     help="Remove completed or failed jobs of a queue (all, or finished before --older-than); needs approval",
@@ -186,27 +219,26 @@ def _queue_fact(ref: QueueRef) -> str:
     args=CleanArgs,
 )
 async def queue_clean(ctx: OpsContext, args: CleanArgs) -> Reply | Plan:
-    inventory, redactor = ctx.deps.inventory, ctx.deps.redactor
-    service = resolve_service(inventory, args.service)
-    _queue_name(args.queue)
     age_ms = parse_age(args.older_than) if args.older_than is not None else None
-    target, ref = await find_queue(inventory, service, args.queue, redactor)
-    client = target.client(redactor)
-    await client.check_library(ref)
     cutoff = time.time() * 1000 - age_ms if age_ms is not None else float("inf")
-    ids, total = await client.finished_ids(ref, args.state, cutoff_ms=cutoff, limit=MAX_PLAN)
     when = f" finished before {_when(cutoff)}" if age_ms is not None else ""
-    if not ids:
-        text = f"No {args.state} job in `{ref.name}`{when}: nothing to clean."
+    planned, name = await _plan_jobs(ctx, args.service, args.queue, args.state, cutoff)
+    if planned is None:
+        text = f"No {args.state} job in `{name}`{when}: nothing to clean."
         return Reply(text, [bk.section(text)], ephemeral=True)
-    saved = await _runs(ctx).lists.save(ids)
-    more = f" (the oldest {len(ids):,} of {total:,}; ask again for the rest)" if total > len(ids) else ""
-    sample = ", ".join(saved.sample[:SAMPLE]) + (" …" if saved.count > SAMPLE else "")
+    service, target, ref, saved, more, sample = (
+        planned.service,
+        planned.target,
+        planned.ref,
+        planned.saved,
+        planned.more,
+        planned.sample,
+    )
     return Plan(
         action="queue clean",
         service=service,
         summary=(
-            f"Remove {len(ids):,} {args.state} job(s){when} from queue `{ref.name}` "
+            f"Remove {saved.count:,} {args.state} job(s){when} from queue `{ref.name}` "
             f"in {service}/{target.component}{more}"
         ),
         details=(
@@ -236,24 +268,23 @@ async def queue_clean(ctx: OpsContext, args: CleanArgs) -> Reply | Plan:
     args=RetryArgs,
 )
 async def queue_retry(ctx: OpsContext, args: RetryArgs) -> Reply | Plan:
-    inventory, redactor = ctx.deps.inventory, ctx.deps.redactor
-    service = resolve_service(inventory, args.service)
-    _queue_name(args.queue)
-    target, ref = await find_queue(inventory, service, args.queue, redactor)
-    client = target.client(redactor)
-    await client.check_library(ref)
-    ids, total = await client.finished_ids(ref, "failed", cutoff_ms=float("inf"), limit=MAX_PLAN)
-    if not ids:
-        text = f"No failed job in `{ref.name}`: nothing to retry."
+    planned, name = await _plan_jobs(ctx, args.service, args.queue, "failed", float("inf"))
+    if planned is None:
+        text = f"No failed job in `{name}`: nothing to retry."
         return Reply(text, [bk.section(text)], ephemeral=True)
-    saved = await _runs(ctx).lists.save(ids)
-    more = f" (the oldest {len(ids):,} of {total:,}; ask again for the rest)" if total > len(ids) else ""
-    sample = ", ".join(saved.sample[:SAMPLE]) + (" …" if saved.count > SAMPLE else "")
+    service, target, ref, saved, more, sample = (
+        planned.service,
+        planned.target,
+        planned.ref,
+        planned.saved,
+        planned.more,
+        planned.sample,
+    )
     return Plan(
         action="queue retry",
         service=service,
         summary=(
-            f"Move {len(ids):,} failed job(s) of queue `{ref.name}` in {service}/{target.component} "
+            f"Move {saved.count:,} failed job(s) of queue `{ref.name}` in {service}/{target.component} "
             f"back to waiting{more}"
         ),
         details=(
