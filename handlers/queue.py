@@ -16,7 +16,7 @@ from handlers.registry import CommandArgs, clip_token, resolve_service, subcomma
 from services.access import Risk
 from services.approvals import ApprovalEngine, Outcome, Plan, Progress
 from services.errors import CommandError
-from services.inventory import Inventory, RedisComponent
+from services.inventory import Inventory
 from services.plan_lists import PlanList, PlanLists
 from services.queues import (
     QUEUE_NAME,
@@ -27,7 +27,9 @@ from services.queues import (
     check_queue_name,
     parse_age,
 )
+from services.queues import queue_targets as targets_of
 from services.redaction import Redactor
+from services.text import human_age
 
 MAX_PLAN = 1_000_000  # job ids one approval may clean or retry; more are left for the next request
 SAMPLE = 10  # ids shown in a plan
@@ -56,11 +58,7 @@ class RetryArgs(CommandArgs):
 def queue_targets(inventory: Inventory, service: str) -> list[QueueTarget]:
     """The Redis components of ``service`` that declare queues."""
     name = resolve_service(inventory, service)
-    found = [
-        QueueTarget(c, spec, spec.queues)
-        for c, spec in inventory.services[name].components.items()
-        if isinstance(spec, RedisComponent) and spec.queues is not None
-    ]
+    found = targets_of(inventory, name)
     if not found:
         raise CommandError(f"`{name}` has no queues in the inventory (a redis component with `queues:`).")
     return found
@@ -99,16 +97,6 @@ async def find_queue(inventory: Inventory, service: str, name: str, redactor: Re
     raise CommandError(problems[0] if problems else f"`{service}` has no queue `{name}`.")
 
 
-def _age(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    if minutes < 1:
-        return f"{int(seconds)} s"
-    if minutes < 120:
-        return f"{minutes} min"
-    hours = minutes // 60
-    return f"{hours} h {minutes % 60} min" if hours < 48 else f"{hours // 24} d {hours % 24} h"
-
-
 def status_lines(status: QueueStatus) -> list[str]:
     """One queue as a few lines of mrkdwn."""
     ref = status.ref
@@ -116,7 +104,7 @@ def status_lines(status: QueueStatus) -> list[str]:
     counts = " · ".join(f"{state} {n:,}" for state, n in status.counts.items())
     lines = [f"*{ref.name}* ({ref.library}, prefix `{ref.prefix}`){paused}", counts]
     oldest = (
-        f"oldest waiting job: {_age(status.oldest_waiting_seconds)}"
+        f"oldest waiting job: {human_age(status.oldest_waiting_seconds)}"
         if status.oldest_waiting_seconds is not None
         else "nothing waiting"
     )
@@ -290,7 +278,7 @@ async def queue_retry(ctx: OpsContext, args: RetryArgs) -> Reply | Plan:
         details=(
             f"job ids: {sample}",
             f"as {ref.library}'s retryJobs does: finishedOn, processedOn and failedReason cleared, "
-            "the job pushed to wait (or paused, if the queue is paused); only jobs still failed",
+            "the job pushed to wait (BullMQ 5 and Bull: to paused while the queue is paused); only jobs still failed",
         ),
         params={"component": target.component, "queue": ref.name, "ids_ref": saved.ref, "count": saved.count},
         facts={"queue": _queue_fact(ref), "failed ids": saved.ref},

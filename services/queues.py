@@ -1,8 +1,8 @@
-"""Bull (4.x) and BullMQ (5.x) job queues on Redis: counts, health, and removal/retry of exact job ids.
+"""Bull (4.x) and BullMQ (5.x, 6.x) job queues on Redis: counts, health, and removal/retry of exact job ids.
 
 The key layout and the per-job semantics are taken from each library's own Lua scripts at the
 versions pinned in tests/fixtures/node/package-lock.json (bull 4.16.5: lib/commands/*.lua; bullmq
-5.81.5: src/commands/*.lua), and the tests check them against jobs written by those libraries:
+5.81.5 and 6.7.0: src/commands/*.lua), and the tests check them against jobs written by those libraries:
 
 - a queue's keys are ``<prefix>:<queue>:<part>``; a job is the hash ``<prefix>:<queue>:<id>`` with
   its log list ``…:<id>:logs``;
@@ -10,8 +10,10 @@ versions pinned in tests/fixtures/node/package-lock.json (bull 4.16.5: lib/comma
   oldest waiting job is the last element); sorted sets: ``delayed``, ``completed`` and ``failed``
   (scored by ``finishedOn``, ms), BullMQ's ``prioritized`` and ``waiting-children``;
 - paused: Bull sets the ``meta-paused`` key (and ``paused`` in ``meta``); BullMQ sets ``paused`` in
-  the ``meta`` hash; both move waiting jobs to the ``paused`` list (BullMQ 6 keeps them in ``wait``:
-  the ``meta`` flag is what says paused);
+  the ``meta`` hash; Bull and BullMQ 5 move waiting jobs to the ``paused`` list, BullMQ 6 keeps them
+  in ``wait`` (the ``meta`` flag alone says paused; its resume moves a ``paused`` list left by 5 back
+  to ``wait``). Both BullMQ majors share one ``library: bullmq``: the scripts that move jobs read the
+  major from ``meta``'s ``version`` (``bullmq:6.7.0``) at run time;
 - BullMQ 5 may leave a deprecated marker (``0:…``) at the tail of ``wait``: not a job;
 - BullMQ logs every transition to the ``events`` stream (ids are ms timestamps); Bull has none.
 
@@ -20,22 +22,23 @@ Nothing here reads a whole list or set: counts are LLEN/ZCARD, samples are bound
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from services.errors import CommandError
-from services.failures import network_problem, short_error
-from services.inventory import QueueSettings, RedisComponent
+from services.inventory import Inventory, QueueSettings, RedisComponent
+from services.probes.redis import redis_problem
 from services.redaction import Redactor
 
 Library = Literal["bull", "bullmq"]
@@ -107,6 +110,16 @@ class QueueStatus:
 
 
 @dataclass(frozen=True)
+class QueueActivity:
+    """What a digest says of one queue: the jobs that failed in a window, its oldest waiting job, paused."""
+
+    ref: QueueRef
+    failed: int  # jobs in `failed` whose finishedOn (its score, ms) falls in the window
+    oldest_waiting_seconds: float | None
+    paused: bool
+
+
+@dataclass(frozen=True)
 class BatchResult:
     """What a removal or retry did: the ids it handled, and the planned ids it left alone."""
 
@@ -155,40 +168,31 @@ def _reason(text: str | None) -> str:
 
 
 def _problem(exc: BaseException, timeout: float, redactor: Redactor | None) -> str:
-    """Why Redis did not answer, as a phrase without the URL's password."""
-    if isinstance(exc, AuthenticationError) or (isinstance(exc, ResponseError) and "NOAUTH" in str(exc)):
-        return "cannot log in (check the password in the Redis URL)"
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g} s"
-    found = network_problem(exc)
-    if found is not None:
-        return found
-    return short_error(exc, redactor)
+    """Why Redis did not answer, as a phrase without the URL's password (the health probe's words)."""
+    return redis_problem(exc, timeout, redactor).removeprefix("Redis error: ")
 
 
 # -- the removal and retry scripts -------------------------------------------------------------------
 
-# Per job, what BullMQ 5.81.5's cleanJobsInSet does to a finished job (cleanSet -> removeJob(job, hard=true,
-# prefix, removeDeduplicationKey=true)), restricted to the planned ids that are still in the set and no
-# newer than the plan's cutoff. The helper functions are BullMQ's own (MIT), copied from
-# src/commands/includes/{removeJobKeys,removeParentDependencyKey,removeDeduplicationKeyIfNeededOnRemoval,
-# getTargetQueueList,addJobInTargetList,addBaseMarkerIfNeeded,destructureJobKey}.lua.
-#   KEYS[1] the state set, KEYS[2] the events stream; ARGV[1] the job key prefix, ARGV[2] the cutoff score,
-#   ARGV[3..] job ids.  Returns the ids removed.
-BULLMQ_REMOVE = r"""
+# Where a BullMQ job that becomes waiting again goes (a retried job, a parent whose last child was removed),
+# for both majors. BullMQ 5.81.5 includes/getTargetQueueList.lua: to `paused` while `meta` says paused.
+# BullMQ 6.7.0 dropped it: moveJobsToWait-8, includes/{moveParentToWait,removeParentDependencyKey}.lua push
+# to `wait` always and ask includes/isQueuePausedOrMaxed.lua only whether to add the worker marker (its
+# pause-7.lua no longer RENAMEs wait to paused). The layout is that of the major in `meta`'s `version`,
+# which every Queue of either major writes on opening (classes/queue.js metaValues: "bullmq:6.7.0"),
+# read in the script so that it holds for the batch. No version, or another library's (BullMQ Pro's
+# numbers are not BullMQ's): 5's layout, the one both read back: 6.7.0's resume moves a `paused` list
+# into `wait`, whereas 5.81.5's resume RENAMEs `paused` over `wait`, dropping jobs pushed there.
+_BULLMQ_LAYOUT = r"""
 local rcall = redis.call
-local function getJobIdFromKey(jobKey) return string.match(jobKey, ".*:(.*)") end
-local function getJobKeyPrefix(jobKey, jobId) return string.sub(jobKey, 0, #jobKey - #jobId) end
-local function removeJobKeys(jobKey)
-  return rcall("DEL", jobKey, jobKey .. ':logs', jobKey .. ':dependencies',
-    jobKey .. ':processed', jobKey .. ':failed', jobKey .. ':unsuccessful')
-end
-local function addBaseMarkerIfNeeded(markerKey, isPausedOrMaxed)
-  if not isPausedOrMaxed then rcall("ZADD", markerKey, 0, "0") end
+local function bullmqMajor(queueMetaKey)
+  local version = rcall("HGET", queueMetaKey, "version")
+  return tonumber(string.match(version or "", "^bullmq:(%d+)%.") or "5") or 5
 end
 local function getTargetQueueList(queueMetaKey, activeKey, waitKey, pausedKey)
-  local queueAttributes = rcall("HMGET", queueMetaKey, "paused", "concurrency", "max", "duration")
+  local queueAttributes = rcall("HMGET", queueMetaKey, "paused", "concurrency")
   if queueAttributes[1] then
+    if bullmqMajor(queueMetaKey) >= 6 then return waitKey, true end
     return pausedKey, true
   else
     if queueAttributes[2] then
@@ -197,6 +201,28 @@ local function getTargetQueueList(queueMetaKey, activeKey, waitKey, pausedKey)
     end
   end
   return waitKey, false
+end
+"""
+
+# Per job, what BullMQ's cleanJobsInSet does to a finished job (cleanSet -> removeJob(job, hard=true,
+# prefix, removeDeduplicationKey=true)), restricted to the planned ids that are still in the set and no
+# newer than the plan's cutoff. The helper functions are BullMQ's own (MIT), copied from 5.81.5's
+# src/commands/includes/{removeJobKeys,removeParentDependencyKey,removeDeduplicationKeyIfNeededOnRemoval,
+# addJobInTargetList,addBaseMarkerIfNeeded,destructureJobKey}.lua; in 6.7.0 cleanJobsInSet-3, cleanSet,
+# removeJob and these are the same but for the parent's target list (getTargetQueueList above).
+#   KEYS[1] the state set, KEYS[2] the events stream; ARGV[1] the job key prefix, ARGV[2] the cutoff score,
+#   ARGV[3..] job ids.  Returns the ids removed.
+BULLMQ_REMOVE = (
+    _BULLMQ_LAYOUT
+    + r"""
+local function getJobIdFromKey(jobKey) return string.match(jobKey, ".*:(.*)") end
+local function getJobKeyPrefix(jobKey, jobId) return string.sub(jobKey, 0, #jobKey - #jobId) end
+local function removeJobKeys(jobKey)
+  return rcall("DEL", jobKey, jobKey .. ':logs', jobKey .. ':dependencies',
+    jobKey .. ':processed', jobKey .. ':failed', jobKey .. ':unsuccessful')
+end
+local function addBaseMarkerIfNeeded(markerKey, isPausedOrMaxed)
+  if not isPausedOrMaxed then rcall("ZADD", markerKey, 0, "0") end
 end
 local function _moveParentToWait(parentPrefix, parentId, emitEvent)
   local parentTarget, isPausedOrMaxed = getTargetQueueList(parentPrefix .. "meta", parentPrefix .. "active",
@@ -293,10 +319,13 @@ for i = 3, #ARGV do
   end
 end
 if #removed > 0 then
-  rcall("XADD", KEYS[2], "*", "event", "cleaned", "count", #removed)
+  -- One event per batch, trimmed like the library's own events (a 500,000-job clean adds 1,000 of them).
+  local maxEvents = rcall("HGET", prefix .. "meta", "opts.maxLenEvents") or 10000
+  rcall("XADD", KEYS[2], "MAXLEN", "~", maxEvents, "*", "event", "cleaned", "count", #removed)
 end
 return removed
 """
+)
 
 # Per job, what Bull 4.16.5's cleanJobsInSet does to a completed or failed job: skip it while locked,
 # else ZREM it from the set and from `priority`, DEL the job hash and its logs, and drop its rate-limiter
@@ -362,23 +391,52 @@ end
 return {completed, failed, read, oldest, reasons}
 """
 
-# BullMQ 5.81.5's moveJobsToWait (Queue.retryJobs({state: 'failed'})), for exactly the planned ids still
-# in `failed`: clear finishedOn/processedOn/failedReason, log a `waiting` event (prev failed), move them
-# to the target list (wait, or paused), and add the marker that wakes workers.
+# What a digest reads of one queue, read-only in one call. Both libraries score `failed` by finishedOn (ms):
+# bull 4.16.5 lib/commands/moveToFinished-9.lua:74 `rcall("ZADD", targetSet, timestamp, ARGV[1])` with
+# ARGV[2] = job.finishedOn = Date.now() (lib/job.js:332); bullmq 5.81.5 commands/moveToFinished-14.lua:172
+# `rcall("ZADD", targetSet, timestamp, jobId)` with ARGV[2] = Date.now() (classes/scripts.js:699); the same
+# line in bullmq 6.7.0 (moveToFinished-14.lua:172, classes/redis-queue-backend.js:988).
+#   KEYS[1] failed, KEYS[2] wait, KEYS[3] paused, KEYS[4] meta, KEYS[5] meta-paused; ARGV[1] the job key
+#   prefix, ARGV[2] the window's start (exclusive, ms), ARGV[3] its end (ms).
+#   Returns {failed in the window, the oldest waiting job's timestamp or "", meta paused, meta-paused}.
+QUEUE_ACTIVITY = r"""
+local failed = redis.call("ZCOUNT", KEYS[1], "(" .. ARGV[2], ARGV[3])
+local tail = false
+for _, key in ipairs({KEYS[2], KEYS[3]}) do
+  local items = redis.call("LRANGE", key, -2, -1)
+  for i = #items, 1, -1 do
+    if string.sub(items[i], 1, 2) ~= "0:" then tail = items[i] break end
+  end
+  if tail then break end
+end
+local stamp = ""
+if tail then stamp = redis.call("HGET", ARGV[1] .. tail, "timestamp") or "" end
+return {failed, stamp, redis.call("HEXISTS", KEYS[4], "paused"), redis.call("EXISTS", KEYS[5])}
+"""
+
+# BullMQ's moveJobsToWait-8 (Queue.retryJobs({state: 'failed'})), for exactly the planned ids still in
+# `failed`: clear finishedOn/processedOn/failedReason, log a `waiting` event (prev failed), move them to the
+# target list (5.81.5: wait, or paused while paused; 6.7.0: wait), and add the marker that wakes workers.
+# 6.7.0 also puts a retried child of a flow back among its parent's dependencies
+# (includes/moveChildBackToParentDependencies.lua, copied); 5.81.5's moveJobsToWait does not.
 #   KEYS: failed, events, wait, paused, meta, active, marker; ARGV[1] the job key prefix, ARGV[2..] ids.
-BULLMQ_RETRY = r"""
-local rcall = redis.call
-local function getTargetQueueList(queueMetaKey, activeKey, waitKey, pausedKey)
-  local queueAttributes = rcall("HMGET", queueMetaKey, "paused", "concurrency", "max", "duration")
-  if queueAttributes[1] then
-    return pausedKey, true
-  else
-    if queueAttributes[2] then
-      local activeCount = rcall("LLEN", activeKey)
-      if activeCount >= tonumber(queueAttributes[2]) then return waitKey, true else return waitKey, false end
+BULLMQ_RETRY = (
+    _BULLMQ_LAYOUT
+    + r"""
+local function moveChildBackToParentDependencies(jobKey, prevState)
+  local parentKey = rcall("HGET", jobKey, "parentKey")
+  if parentKey and rcall("EXISTS", parentKey) == 1 then
+    if prevState == "failed" then
+      if rcall("ZREM", parentKey .. ":unsuccessful", jobKey) == 1 or
+        rcall("HDEL", parentKey .. ":failed", jobKey) == 1 then
+        rcall("SADD", parentKey .. ":dependencies", jobKey)
+      end
+    else
+      if rcall("HDEL", parentKey .. ":processed", jobKey) == 1 then
+        rcall("SADD", parentKey .. ":dependencies", jobKey)
+      end
     end
   end
-  return waitKey, false
 end
 local function getOrSetMaxEvents(metaKey)
   local maxEvents = rcall("HGET", metaKey, "opts.maxLenEvents")
@@ -389,11 +447,14 @@ local function getOrSetMaxEvents(metaKey)
   return maxEvents
 end
 local target, isPausedOrMaxed = getTargetQueueList(KEYS[5], KEYS[6], KEYS[3], KEYS[4])
+local backToParent = bullmqMajor(KEYS[5]) >= 6
 local moved = {}
 for i = 2, #ARGV do
   local jobId = ARGV[i]
   if rcall("ZSCORE", KEYS[1], jobId) then
-    rcall("HDEL", ARGV[1] .. jobId, "finishedOn", "processedOn", "failedReason")
+    local jobKey = ARGV[1] .. jobId
+    rcall("HDEL", jobKey, "finishedOn", "processedOn", "failedReason")
+    if backToParent then moveChildBackToParentDependencies(jobKey, "failed") end
     moved[#moved + 1] = jobId
   end
 end
@@ -408,6 +469,7 @@ if #moved > 0 then
 end
 return moved
 """
+)
 
 # Bull 4.16.5's retryJobs, for exactly the planned ids still in `failed`: clear finishedOn/processedOn/
 # failedReason and LPUSH them to `wait`, or to `paused` while the queue is paused (`meta-paused`).
@@ -596,6 +658,31 @@ class QueueClient:
             reasons_sampled=len(reasons),
         )
 
+    async def activity(
+        self, refs: Sequence[QueueRef], *, since_ms: int, now_ms: int | None = None
+    ) -> list[QueueActivity]:
+        """For a digest: each queue's jobs failed after ``since_ms`` (up to now), its oldest waiting job and
+        whether it is paused; one pipelined round trip, the whole read bounded by the component's timeout."""
+        if not refs:
+            return []
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        try:
+            async with asyncio.timeout(self._timeout), self._redis("reading the queues") as client:
+                pipe = client.pipeline(transaction=False)
+                for ref in refs:
+                    keys = [ref.key(part) for part in ("failed", "wait", "paused", "meta", "meta-paused")]
+                    pipe.eval(QUEUE_ACTIVITY, len(keys), *keys, ref.base, int(since_ms), now)
+                replies = await pipe.execute()
+        except TimeoutError:
+            problem = f"no answer within {self._timeout:g} s"
+            raise CommandError(f"Redis failed while reading the queues: {problem}.") from None
+        found: list[QueueActivity] = []
+        for ref, (failed, stamp, meta_paused, bull_paused) in zip(refs, replies, strict=True):
+            oldest = max(0.0, (now - int(stamp)) / 1000) if stamp and str(stamp).isdigit() else None
+            paused = bool(meta_paused) or (ref.library == "bull" and bool(bull_paused))
+            found.append(QueueActivity(ref, int(failed), oldest, paused))
+        return found
+
     # -- plans ---------------------------------------------------------------------------------------
 
     async def finished_ids(
@@ -610,10 +697,14 @@ class QueueClient:
             total = int(await client.zcount(key, "-inf", top))
             offset = 0
             while len(ids) < min(limit, total):
-                page = await client.zrangebyscore(key, "-inf", top, start=offset, num=min(PAGE, limit - len(ids)))
-                if not page:
+                # By rank: the jobs finished by the cutoff are the set's first ranks, and ZRANGE finds a rank
+                # in O(log N), where ZRANGEBYSCORE's LIMIT walks `offset` entries from the start on every page.
+                size = min(PAGE, limit - len(ids))
+                scored = await client.zrange(key, offset, offset + size - 1, withscores=True)
+                page = cast("list[tuple[str, float]]", scored)  # (member, score): decode_responses
+                ids.update(dict.fromkeys(str(i) for i, score in page if score <= cutoff_ms))
+                if len(page) < size or page[-1][1] > cutoff_ms:
                     break
-                ids.update(dict.fromkeys(str(i) for i in page))
                 offset += len(page)
         return list(ids)[:limit], total
 
@@ -678,7 +769,8 @@ class QueueClient:
                     result = await run(keys=keys, args=[*args, *batch])
                 except (RedisError, OSError, TimeoutError) as exc:
                     problem = _problem(exc, self._timeout, self._redactor)
-                    so_far = BatchResult(done, [i for i in ids[:handled] if i not in set(done)])
+                    done_set = set(done)  # once: a plan may hold a million ids
+                    so_far = BatchResult(done, [i for i in ids[:handled] if i not in done_set])
                     left = len(ids) - handled - len(batch)
                     raise QueueRunFailed(
                         f"Redis failed part-way ({problem}): {len(done):,} job(s) of `{ref.name}` were {verb}; "
@@ -709,3 +801,15 @@ class QueueTarget:
         return QueueClient(
             self.spec.url.get_secret_value(), self.settings, timeout=self.spec.timeout, redactor=redactor
         )
+
+
+def queue_targets(inventory: Inventory, service: str) -> list[QueueTarget]:
+    """The Redis components of the service called ``service`` that declare queues (none: empty)."""
+    found = inventory.services.get(service)
+    if found is None:
+        return []
+    return [
+        QueueTarget(component, spec, spec.queues)
+        for component, spec in found.components.items()
+        if isinstance(spec, RedisComponent) and spec.queues is not None
+    ]

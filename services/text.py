@@ -34,6 +34,17 @@ def ago(delta: timedelta) -> str:
     return f"{hours // 24} days ago"
 
 
+def human_age(seconds: float) -> str:
+    """How long something has waited: ``"45 s"``, ``"12 min"``, ``"5 h 3 min"``, ``"3 d 4 h"``."""
+    minutes = int(seconds // 60)
+    if minutes < 1:
+        return f"{int(seconds)} s"
+    if minutes < 120:
+        return f"{minutes} min"
+    hours = minutes // 60
+    return f"{hours} h {minutes % 60} min" if hours < 48 else f"{hours // 24} d {hours % 24} h"
+
+
 def human_duration(ms: float) -> str:
     """``2300`` → ``"2.3 s"``, ``45.2`` → ``"45 ms"``."""
     return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms"

@@ -29,7 +29,7 @@ select current_setting('server_version') as version,
 """
 
 
-def _login_problem(exc: BaseException, timeout: float, redactor: Redactor) -> str:
+def login_problem(exc: BaseException, timeout: float, redactor: Redactor) -> str:
     """A sentence for the on-call reader saying why we could not connect. Never the password."""
     if isinstance(exc, asyncpg.InvalidPasswordError):
         return f"cannot log in: {redactor.redact(str(exc))}"
@@ -65,7 +65,7 @@ class PostgresProbe:
         try:
             conn: Any = await asyncpg.connect(dsn, timeout=budget)
         except Exception as exc:
-            return ProbeResult(Status.CRITICAL, _login_problem(exc, budget, redactor), since_ms(started))
+            return ProbeResult(Status.CRITICAL, login_problem(exc, budget, redactor), since_ms(started))
         try:
             row = await conn.fetchrow(_FACTS_SQL, timeout=budget)
         except Exception as exc:

@@ -20,7 +20,7 @@ QdrantClientFactory = Callable[[QdrantComponent], AsyncQdrantClient]
 
 # grey means "optimisation pending until the next update" (e.g. after a restart): the
 # collection serves reads and writes, so it is worth a look but nobody needs waking.
-_COLOUR_STATUS = {
+COLOUR_STATUS = {
     CollectionStatus.GREEN: Status.HEALTHY,
     CollectionStatus.YELLOW: Status.WARNING,
     CollectionStatus.GREY: Status.WARNING,
@@ -41,7 +41,7 @@ def default_qdrant_client(component: QdrantComponent) -> AsyncQdrantClient:
     )
 
 
-def _missing(exc: Exception) -> bool:
+def missing_collection(exc: Exception) -> bool:
     """Whether get_collection failed because the collection does not exist."""
     if isinstance(exc, UnexpectedResponse):
         return exc.status_code == 404
@@ -49,7 +49,7 @@ def _missing(exc: Exception) -> bool:
     return isinstance(exc, ValueError) and "not found" in str(exc)
 
 
-def _problem(exc: Exception, timeout: float, redactor: Redactor) -> str:
+def qdrant_problem(exc: Exception, timeout: float, redactor: Redactor) -> str:
     if isinstance(exc, UnexpectedResponse):
         if exc.status_code in (401, 403):
             return "cannot log in: the API key was refused"
@@ -120,14 +120,14 @@ class QdrantProbe:
         try:
             info = await client.get_collection(name)
         except Exception as exc:  # the client raises a different type per transport
-            if _missing(exc):
+            if missing_collection(exc):
                 return Check(name, Status.CRITICAL, "missing"), "missing", None
             return (
-                Check(name, Status.CRITICAL, f"unreachable: {_problem(exc, component.timeout, redactor)}"),
+                Check(name, Status.CRITICAL, f"unreachable: {qdrant_problem(exc, component.timeout, redactor)}"),
                 "error",
                 None,
             )
         colour = CollectionStatus(info.status)
         points = info.points_count or 0
-        status = _COLOUR_STATUS.get(colour, Status.CRITICAL)
+        status = COLOUR_STATUS.get(colour, Status.CRITICAL)
         return Check(name, status, f"{colour.value} · {points:,} points"), colour.value, points

@@ -6,6 +6,7 @@ import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from services.health import ProbeResult, Status
 from services.inventory import Component, RedisComponent
@@ -21,13 +22,13 @@ from services.probes._common import (
 from services.redaction import Redactor
 
 
-def _problem(exc: BaseException, timeout: float, redactor: Redactor) -> str:
+def redis_problem(exc: BaseException, timeout: float, redactor: Redactor | None) -> str:
     """Why Redis did not answer, as a sentence without the URL's password."""
     if isinstance(exc, AuthenticationError):
         return "cannot log in: wrong password or user"
     if isinstance(exc, ResponseError) and "NOAUTH" in str(exc):
         return "cannot log in: the server wants a password and none was given"
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError | RedisTimeout):  # redis-py's own is not the built-in one
         return f"no answer within {timeout:g} s"
     found = network_problem(exc)
     if found is not None:
@@ -57,7 +58,7 @@ class RedisProbe:
             await client.ping()
             info = await client.info()  # default sections: server, clients, memory among them
         except (RedisError, OSError, TimeoutError) as exc:
-            return ProbeResult(Status.CRITICAL, _problem(exc, budget, redactor), since_ms(started))
+            return ProbeResult(Status.CRITICAL, redis_problem(exc, budget, redactor), since_ms(started))
         finally:
             await client.aclose()
         latency = since_ms(started)

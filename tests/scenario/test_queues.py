@@ -1,5 +1,5 @@
 """/ops queue, queue clean and queue retry through signed Slack requests and `opsbot run`, on queues
-written by the real Bull and BullMQ libraries."""
+written by the real Bull 4, BullMQ 5 and BullMQ 6 libraries."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from handlers.approvals import APPROVE
 from services.state import Approval, ApprovalState
-from tests.fixtures.bull import NodeQueues, node_queues  # noqa: F401  (the session fixture)
+from tests.fixtures.bull import LIBRARIES, NodeQueues, inventory_library, node_queues  # noqa: F401
 from tests.fixtures.slack import FakeSlack
 from tests.scenario.harness import Bot, all_text, inventory, running_bot
 
@@ -87,12 +87,12 @@ async def open_world(
     spec = {"library": library, "prefix": f"s{next(_prefixes)}", "queue": "images"}
     if seed:
         await node.seed(redis_url, **spec, **seed)
-    loaded = inventory(queue_inventory(library, spec["prefix"]), env={"VCC_REDIS": redis_url})
+    loaded = inventory(queue_inventory(inventory_library(library), spec["prefix"]), env={"VCC_REDIS": redis_url})
     async with running_bot(fake_slack, tmp_path, loaded) as bot:
         yield World(bot, fake_slack, redis_url, spec, node)
 
 
-@pytest.fixture(params=["bull", "bullmq"])
+@pytest.fixture(params=LIBRARIES)
 async def world(
     request: pytest.FixtureRequest,
     fake_slack: FakeSlack,
@@ -115,7 +115,7 @@ async def test_queue_shows_counts_health_and_failure_reasons(world: World) -> No
     assert f"delayed {counts['delayed']}" in text and "waiting 2" in text
     assert "oldest waiting job:" in text and "finished" in text
     assert "ComfyUI timeout (2)" in text and "out of memory (1)" in text
-    assert f"*images* ({world.spec['library']}" in text
+    assert f"*images* ({inventory_library(world.spec['library'])}" in text
     one = await world.ask("queue vcc images", user=VIEWER)
     assert "*images*" in one and "ComfyUI timeout (2)" in one
 
@@ -145,6 +145,7 @@ async def test_clean_plans_exact_ids_and_after_approval_the_library_reads_the_re
 
 
 async def test_retry_moves_failed_jobs_back_to_waiting_after_approval(world: World) -> None:
+    before = await world.read()
     approval = await world.request("queue retry vcc images")
     assert "Move 3 failed job(s) of queue `images` in vcc/redis back to waiting" in approval.summary
     final = await world.approve(approval)
@@ -153,6 +154,50 @@ async def test_retry_moves_failed_jobs_back_to_waiting_after_approval(world: Wor
     after = await world.read()
     ids = after["ids"]
     assert isinstance(ids, dict) and ids["failed"] == [] and len(ids["waiting"]) == 5
+    # A worker of the real library takes them: the retried jobs fail again, the two waiting ones complete.
+    await world.node.work(world.url, **world.spec)
+    again = await world.read()
+    ids_before, ids_again, counts = before["ids"], again["ids"], again["counts"]
+    assert isinstance(ids_before, dict) and isinstance(ids_again, dict) and isinstance(counts, dict)
+    assert sorted(ids_again["failed"]) == sorted(ids_before["failed"]) and len(ids_before["failed"]) == 3
+    assert sorted(ids_again["completed"]) == sorted(ids_before["completed"] + ids_before["waiting"])
+    assert counts["waiting"] == 0 and counts["delayed"] == 1
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+async def test_a_paused_queue_is_shown_paused_and_retried_where_the_library_keeps_its_jobs(
+    fake_slack: FakeSlack,
+    tmp_path: Path,
+    redis_url: str,
+    node_queues: NodeQueues,  # noqa: F811
+    library: str,
+) -> None:
+    seed: dict[str, object] = {"phases": [{"failed": ["boom"]}], "waiting": 2, "paused": True}
+    async with open_world(fake_slack, tmp_path, redis_url, node_queues, library, **seed) as world:
+        text = await world.ask("queue vcc", user=VIEWER)
+        seen = await world.read()
+        counts = seen["counts"]
+        assert isinstance(counts, dict) and seen["paused"] is True
+        assert (
+            "*paused*" in text and f"waiting {counts['waiting']} ·" in text and f"paused {counts['paused']} ·" in text
+        )
+        # BullMQ 6 keeps a paused queue's jobs in `wait` (the `meta` flag says paused); Bull and BullMQ 5 in `paused`.
+        holds = "waiting" if library == "bullmq6" else "paused"
+        assert counts[holds] == 2 and counts["waiting"] + counts["paused"] == 2
+
+        final = await world.approve(await world.request("queue retry vcc images"))
+        assert final.state is S.SUCCEEDED and final.result.startswith("Retried 1 of 1"), final.result
+        after = await world.read()
+        after_counts, after_ids = after["counts"], after["ids"]
+        assert isinstance(after_counts, dict) and isinstance(after_ids, dict) and after["paused"] is True
+        assert after_counts[holds] == 3 and after_counts["failed"] == 0
+
+        await world.node.resume(world.url, **world.spec)
+        await world.node.work(world.url, **world.spec)
+        done = await world.read()
+        done_ids = done["ids"]
+        assert isinstance(done_ids, dict) and done["paused"] is False
+        assert len(done_ids["failed"]) == 1 and len(done_ids["completed"]) == 2 and done_ids["waiting"] == []
 
 
 async def test_a_plan_whose_list_changed_does_not_run(world: World) -> None:

@@ -1,4 +1,4 @@
-"""The queue reader, clean and retry against queues written by the real Bull 4 and BullMQ 5 libraries."""
+"""The queue reader, clean and retry against queues written by the real Bull 4, BullMQ 5 and BullMQ 6 libraries."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ from services.errors import CommandError
 from services.inventory import QueueSettings
 from services.plan_lists import PlanLists
 from services.queues import BATCH, QueueClient, QueueRef, QueueRunFailed, check_queue_name, parse_age
-from tests.fixtures.bull import NodeQueues, node_queues  # noqa: F401  (the session fixture)
+from tests.fixtures.bull import BULLMQ, LIBRARIES, NodeQueues, inventory_library, node_queues  # noqa: F401
 from tests.fixtures.servers import redis_process
 
-LIBRARIES = ["bull", "bullmq"]
 _prefixes = itertools.count()
 # Jobs of every kind: some finished ten days ago, some just now, waiting, delayed, prioritized.
 SEED: dict[str, Any] = {
@@ -33,8 +32,13 @@ DAY_MS = 86_400_000
 
 
 def queue_of(library: str, names: list[str] | None = None) -> tuple[QueueSettings, dict[str, str]]:
+    """The inventory's settings for a queue whose jobs ``library`` (as jobs.js names it) writes, and its spec."""
     prefix = f"q{next(_prefixes)}"
-    settings = QueueSettings(library=library, prefix=prefix, names=names if names is not None else ["images"])  # type: ignore[arg-type]
+    settings = QueueSettings(
+        library=inventory_library(library),  # type: ignore[arg-type]
+        prefix=prefix,
+        names=names if names is not None else ["images"],
+    )
     return settings, {"library": library, "prefix": prefix, "queue": "images"}
 
 
@@ -64,7 +68,7 @@ async def test_counts_and_health_match_what_the_library_reads(
 
     assert status.counts == {state: seen["counts"][state] for state in status.counts}
     expected_states = {"waiting", "active", "delayed", "paused", "failed", "completed"}
-    if library == "bullmq":  # Bull keeps prioritized jobs in wait; only BullMQ has flows
+    if library in BULLMQ:  # Bull keeps prioritized jobs in wait; only BullMQ has flows
         expected_states |= {"prioritized", "waiting-children"}
         assert status.counts["prioritized"] == 1 and status.counts["waiting"] == 2
     else:
@@ -75,9 +79,9 @@ async def test_counts_and_health_match_what_the_library_reads(
     assert status.reasons == [("boom A", 2), ("boom B", 1)] and status.reasons_sampled == 3
     assert status.oldest_waiting_seconds is not None and 0 <= status.oldest_waiting_seconds < 120
     # BullMQ's events stream is stamped by the server (all eight finished now); Bull's sets by finishedOn.
-    finished = 8 if library == "bullmq" else 3
+    finished = 8 if library in BULLMQ else 3
     assert status.finished_per_minute == pytest.approx(finished / 15)
-    assert status.failed_per_minute == pytest.approx((3 if library == "bullmq" else 1) / 15)
+    assert status.failed_per_minute == pytest.approx((3 if library in BULLMQ else 1) / 15)
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
@@ -90,11 +94,20 @@ async def test_a_paused_queue_is_seen_paused_with_its_jobs_counted(
     await node_queues.seed(redis_url, **spec, waiting=3, paused=True)
     seen = await node_queues.read(redis_url, **spec)
     client = client_for(redis_url, settings)
-    [status] = await client.status([client.ref("images")])
+    ref = client.ref("images")
+    [status] = await client.status([ref])
     assert status.paused and seen["paused"]
     assert status.counts == {state: seen["counts"][state] for state in status.counts}
+    # Bull and BullMQ 5 move a paused queue's jobs to `paused`; BullMQ 6 leaves them in `wait` and only
+    # sets `paused` in `meta` (6.7.0 pause-7.lua).
+    assert await _layout(redis_url, ref) == (paused_in_wait if library == "bullmq6" else paused_list)(3)
+    assert status.counts["waiting" if library == "bullmq6" else "paused"] == 3
     assert status.counts["paused"] + status.counts["waiting"] == 3
-    assert status.oldest_waiting_seconds is not None
+    assert status.oldest_waiting_seconds is not None and 0 <= status.oldest_waiting_seconds < 120
+    [activity] = await client.activity([ref], since_ms=0)
+    assert activity.paused and activity.oldest_waiting_seconds is not None
+    if library in BULLMQ:
+        assert seen["version"] == {"bullmq": "bullmq:5.81.5", "bullmq6": "bullmq:6.7.0"}[library]
 
 
 async def test_queues_are_discovered_with_a_bounded_scan(redis_url: str, node_queues: NodeQueues) -> None:  # noqa: F811
@@ -114,9 +127,14 @@ async def test_queues_are_discovered_with_a_bounded_scan(redis_url: str, node_qu
         await client.find("nope")
 
 
-async def test_the_library_is_told_apart_and_a_mismatch_refused(redis_url: str, node_queues: NodeQueues) -> None:  # noqa: F811
+@pytest.mark.parametrize("library", BULLMQ)
+async def test_the_library_is_told_apart_and_a_mismatch_refused(
+    library: str,
+    redis_url: str,
+    node_queues: NodeQueues,  # noqa: F811
+) -> None:
     settings, spec = queue_of("bull")
-    await node_queues.seed(redis_url, **{**spec, "library": "bullmq"}, waiting=1)
+    await node_queues.seed(redis_url, **{**spec, "library": library}, waiting=1)
     client = client_for(redis_url, settings)
     with pytest.raises(CommandError, match="written by bullmq, but the inventory says bull"):
         await client.check_library(client.ref("images"))
@@ -204,13 +222,115 @@ async def test_retry_moves_failed_jobs_back_to_waiting_and_a_worker_takes_them(
     assert sorted(again["ids"]["failed"]) == sorted(planned) and again["counts"]["waiting"] == 0
 
 
-async def test_retry_of_a_paused_bull_queue_goes_to_paused(redis_url: str, node_queues: NodeQueues) -> None:  # noqa: F811
-    settings, spec = queue_of("bull")
+@pytest.mark.parametrize("library", LIBRARIES)
+async def test_retry_of_a_paused_queue_goes_where_the_library_keeps_paused_jobs(
+    library: str,
+    redis_url: str,
+    node_queues: NodeQueues,  # noqa: F811
+) -> None:
+    settings, spec = queue_of(library)
+    ids = await node_queues.seed(redis_url, **spec, phases=[{"failed": ["boom"]}], waiting=1, paused=True)
+    client = client_for(redis_url, settings)
+    ref = client.ref("images")
+    result = await client.retry(ref, ids["failed"])
+    assert result.done == ids["failed"] and result.skipped == []
+    # Bull 4.16.5 / BullMQ 5.81.5: LPUSH to `paused` while paused; BullMQ 6.7.0 moveJobsToWait-8: to `wait`.
+    layout = paused_in_wait if library == "bullmq6" else paused_list
+    assert await _layout(redis_url, ref) == layout(2)
+    assert await _head(redis_url, ref.key("wait" if library == "bullmq6" else "paused")) == ids["failed"][0]
+    seen = await node_queues.read(redis_url, **spec)
+    assert seen["paused"] and seen["ids"]["failed"] == []
+    assert seen["counts"]["waiting" if library == "bullmq6" else "paused"] == 2
+    # Resumed by the library, a real worker takes both: the waiting job completes, the retried one fails again.
+    await node_queues.resume(redis_url, **spec)
+    await node_queues.work(redis_url, **spec)
+    after = await node_queues.read(redis_url, **spec)
+    assert after["ids"]["failed"] == ids["failed"] and after["ids"]["completed"] == ids["waiting"]
+    assert after["counts"]["waiting"] == after["counts"]["paused"] == 0 and not after["paused"]
+
+
+async def test_a_bullmq_queue_without_a_version_is_retried_in_the_layout_both_majors_read(
+    redis_url: str,
+    node_queues: NodeQueues,  # noqa: F811
+) -> None:
+    settings, spec = queue_of("bullmq6")
     ids = await node_queues.seed(redis_url, **spec, phases=[{"failed": ["boom"]}], paused=True)
     client = client_for(redis_url, settings)
-    await client.retry(client.ref("images"), ids["failed"])
-    seen = await node_queues.read(redis_url, **spec)
-    assert seen["paused"] and seen["ids"]["paused"] == ids["failed"] and seen["ids"]["waiting"] == []
+    ref = client.ref("images")
+    r = aioredis.from_url(redis_url)
+    await r.hdel(ref.key("meta"), "version")  # as left by a Queue opened with skipMetasUpdate
+    await r.aclose()
+    assert (await client.retry(ref, ids["failed"])).done == ids["failed"]
+    # No version: BullMQ 5's layout (`paused`), which BullMQ 6's resume moves back to `wait`.
+    assert await _layout(redis_url, ref) == paused_list(1)
+    await node_queues.resume(redis_url, **spec)
+    assert await _layout(redis_url, ref) == {"wait": 1, "paused": 0, "meta paused": False}
+    await node_queues.work(redis_url, **spec)
+    after = await node_queues.read(redis_url, **spec)
+    assert after["ids"]["failed"] == ids["failed"] and after["counts"]["waiting"] == 0
+
+
+async def _flow_twin(url: str, node: NodeQueues, library: str, **flow: Any) -> tuple[QueueClient, dict[str, Any]]:
+    """A parent in queue `parents` whose child in `images` the real library failed."""
+    settings, spec = queue_of(library)
+    made = await node.run(url, {"op": "flow", **spec, "parent_queue": "parents", "reasons": ["boom"], **flow})
+    return client_for(url, settings), {**spec, **made["ids"]}
+
+
+async def _parent_side(url: str, twin: dict[str, Any]) -> dict[str, object]:
+    """Where the parent is and what it holds of its child, by key, ids left out (each twin has its own)."""
+    base, parent = f"{twin['prefix']}:parents:", twin["parent"][0]
+    client = aioredis.from_url(url, decode_responses=True)
+    try:
+        return {
+            "wait": await client.lrange(base + "wait", 0, -1) == [parent],
+            "paused": await client.lrange(base + "paused", 0, -1) == [parent],
+            "waiting-children": await client.zcard(base + "waiting-children"),
+            "dependencies": await client.scard(f"{base}{parent}:dependencies"),
+            "failed children": await client.hlen(f"{base}{parent}:failed"),
+            "child keys": len(await keys_of(url, f"{twin['prefix']}:images:{twin['children'][0]}*")),
+        }
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("library", BULLMQ)
+async def test_cleaning_a_failed_child_frees_its_paused_parent_as_the_library_does(
+    library: str,
+    redis_url: str,
+    node_queues: NodeQueues,  # noqa: F811
+) -> None:
+    client, ours = await _flow_twin(redis_url, node_queues, library, pause_parent=True)
+    _, theirs = await _flow_twin(redis_url, node_queues, library, pause_parent=True)
+    ref = client.ref("images")
+    assert (await client.remove(ref, "failed", ours["children"], cutoff_ms=float("inf"))).done == ours["children"]
+    await node_queues.run(redis_url, {"op": "clean", **theirs, "state": "failed"})
+    # The last dependency gone, the parent leaves waiting-children for its queue's waiting list: `paused` while
+    # that queue is paused in 5.81.5 (getTargetQueueList), `wait` in 6.7.0 (removeParentDependencyKey).
+    expected = {"wait": library == "bullmq6", "paused": library == "bullmq"}
+    expected |= {"waiting-children": 0, "dependencies": 0, "failed children": 0, "child keys": 0}
+    assert await _parent_side(redis_url, ours) == await _parent_side(redis_url, theirs) == expected
+
+
+@pytest.mark.parametrize("library", BULLMQ)
+async def test_retrying_a_failed_child_puts_it_back_as_the_library_does(
+    library: str,
+    redis_url: str,
+    node_queues: NodeQueues,  # noqa: F811
+) -> None:
+    client, ours = await _flow_twin(redis_url, node_queues, library, cpof=True)
+    _, theirs = await _flow_twin(redis_url, node_queues, library, cpof=True)
+    assert (await client.retry(client.ref("images"), ours["children"])).done == ours["children"]
+    await node_queues.run(redis_url, {"op": "retry", **theirs})
+    # continueParentOnFailure moved the child to the parent's `failed` hash and the parent to wait; 6.7.0's
+    # moveJobsToWait puts the retried child back among the dependencies, 5.81.5's leaves it.
+    six = library == "bullmq6"
+    expected = {"wait": True, "paused": False, "waiting-children": 0, "dependencies": int(six)}
+    expected |= {"failed children": int(not six), "child keys": 1}  # the job hash (it wrote no log)
+    assert await _parent_side(redis_url, ours) == await _parent_side(redis_url, theirs) == expected
+    for twin in (ours, theirs):
+        seen = await node_queues.read(redis_url, **{k: twin[k] for k in ("library", "prefix", "queue")})
+        assert seen["ids"]["waiting"] == twin["children"] and seen["ids"]["failed"] == []
 
 
 async def test_redis_going_down_mid_run_says_what_was_and_was_not_removed(node_queues: NodeQueues) -> None:  # noqa: F811
@@ -274,6 +394,42 @@ async def test_plan_lists_keep_exactly_the_list(tmp_path: Path) -> None:
         await lists.load(saved.ref)
     with pytest.raises(CommandError, match="not valid"):
         await lists.load("../../etc/passwd")
+
+
+def paused_list(jobs: int) -> dict[str, object]:
+    """The keys of a paused queue whose waiting jobs are in ``paused`` (Bull 4, BullMQ 5)."""
+    return {"wait": 0, "paused": jobs, "meta paused": True}
+
+
+def paused_in_wait(jobs: int) -> dict[str, object]:
+    """The keys of a paused queue whose waiting jobs stay in ``wait`` (BullMQ 6)."""
+    return {"wait": jobs, "paused": 0, "meta paused": True}
+
+
+async def _layout(url: str, ref: QueueRef) -> dict[str, object]:
+    """Where the queue's waiting jobs are, read from its keys (markers and all) rather than by the library."""
+    client = aioredis.from_url(url, decode_responses=True)
+    try:
+        paused = bool(await client.hexists(ref.key("meta"), "paused")) or bool(
+            await client.exists(ref.key("meta-paused"))
+        )
+        return {
+            "wait": await client.llen(ref.key("wait")),
+            "paused": await client.llen(ref.key("paused")),
+            "meta paused": paused,
+        }
+    finally:
+        await client.aclose()
+
+
+async def _head(url: str, key: str) -> str | None:
+    """The newest entry of a list (LPUSH puts a retried job there)."""
+    client = aioredis.from_url(url, decode_responses=True)
+    try:
+        head: str | None = await client.lindex(key, 0)
+        return head
+    finally:
+        await client.aclose()
 
 
 async def _scores(url: str, key: str) -> list[float]:
