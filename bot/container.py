@@ -26,9 +26,11 @@ from handlers.commands import load_registry, policy_problems
 from handlers.context import Deps
 from handlers.deploy import register_actions
 from handlers.health import service_health
+from handlers.integrity import register_integrity_actions
 from handlers.jobs import ResetStuckJobs
 from handlers.queue import register_queue_actions
 from handlers.registry import Registry
+from handlers.reset import register_reset_actions
 from handlers.router import Router
 from handlers.slack import RETRY_PAUSE, SlackNotifier, group_members, nothing_done, posts
 from services.access import RoleResolver
@@ -42,6 +44,7 @@ from services.plan_lists import PlanLists
 from services.probes import build_health_probes
 from services.redaction import Redactor
 from services.state import StateStore
+from services.status import FigureDeps, build_figure_sources, close_sources
 
 log = structlog.get_logger(__name__)
 
@@ -179,6 +182,8 @@ async def build_container(
         engine.register("cleanup", RunCleanup(loaded.inventory, redactor, cleanup_lists))
         engine.register("reindex", RunReindex(loaded.inventory, redactor))
         register_queue_actions(engine, loaded.inventory, redactor, PlanLists(Path(settings.state_dir) / "plan-lists"))
+        register_integrity_actions(engine, loaded.inventory, redactor, cleanup_lists)
+        register_reset_actions(engine, loaded.inventory, redactor, cleanup_lists, backups)
         deps = Deps(
             loaded=loaded,
             store=store,
@@ -191,6 +196,11 @@ async def build_container(
             observe_probe=metrics.observe_probe,
             observe_command=metrics.observe_command,
         )
+        deps.figures = build_figure_sources(
+            FigureDeps(session=http, history=deps.scrape_history),
+            types={spec.type for _, _, spec in loaded.inventory.components()},
+        )
+        stack.push_async_callback(close_sources, deps.figures)
         engine.register("restore", RestoreBackup(backups, lambda service: service_health(deps, service)))
         register_actions(engine, loaded.inventory, deploys, lambda service: service_health(deps, service), redactor)
         registry = load_registry()

@@ -18,8 +18,11 @@ from typing import NamedTuple, Protocol
 import structlog
 
 from bot.container import Container
+from handlers.context import Reply
 from handlers.slack import post_reply
+from services.access import SCHEDULER_USER
 from services.failures import network_problem, short_error
+from services.health import Status
 from services.inventory import Role
 from services.redaction import Redactor
 from services.schedules import ScheduleSpec, aware, due, lease_key, next_fire, zone
@@ -290,9 +293,6 @@ class StoreLease:
         return await self.store.claim_schedule_run(name, datetime.fromisoformat(fire), holder=holder, at=self.clock())
 
 
-SCHEDULER_USER = "opsbot:scheduler"  # the actor scheduled commands run (and are audited) as
-
-
 def build_scheduler(container: Container, *, holder: str, clock: Callable[[], datetime] = _utc_now) -> Scheduler | None:
     """The inventory's schedules, run through the router as the scheduler, posted to the ops channel."""
     inventory = container.loaded.inventory
@@ -303,10 +303,10 @@ def build_scheduler(container: Container, *, holder: str, clock: Callable[[], da
     store = container.store
     channel = inventory.ops_channel
 
-    async def run(spec: ScheduleSpec, fire_time: datetime) -> str:
+    async def dispatch(spec: ScheduleSpec, text: str) -> tuple[Reply, str]:
         reply = await container.router.dispatch(
-            user_id=SCHEDULER_USER, channel_id=channel or "schedule", text=spec.command, deps=deps,
-            interface="schedule",
+            user_id=SCHEDULER_USER, channel_id=channel or "schedule", text=text, deps=deps,
+            interface="schedule", schedule=spec.name,
         )  # fmt: skip
         if container.slack is not None and channel:
             reply.ephemeral = False  # a schedule speaks to the whole ops channel
@@ -316,6 +316,15 @@ def build_scheduler(container: Container, *, holder: str, clock: Callable[[], da
         first = reply.text.splitlines()[0] if reply.text else ""
         if reply.outcome not in ("ok", "pending"):
             raise RuntimeError(f"{reply.outcome}: {first}"[:300])
+        return reply, first
+
+    async def run(spec: ScheduleSpec, fire_time: datetime) -> str:
+        reply, first = await dispatch(spec, spec.command)
+        if spec.on_warning == "fix" and reply.status is Status.WARNING:
+            # Runbook 003's daily cron: check, fix on a warning (its plan posted for approval unless this
+            # schedule is pre-approved for it), and the fix's run checks again.
+            _, fixed = await dispatch(spec, "integrity fix " + spec.command.split(maxsplit=1)[1])
+            return f"{first[:140]} · then {fixed[:150]}"
         return first[:300] or OK
 
     async def last_run(name: str) -> datetime | None:

@@ -107,6 +107,7 @@ def build_watcher(container: Container) -> Watcher | None:
         container.store, inventory, container.deps.probe_for, container.http, container.redactor,
         probed_types=PROBED_TYPES, notifier=notifier,
         claim=lambda key, ttl: container.locks.lease(key, container.deps.approvals.instance, ttl),
+        figures=container.deps.figures, history=container.deps.scrape_history,
     )  # fmt: skip
     return watcher if watcher.components else None
 

@@ -16,7 +16,7 @@ from handlers import blocks as bk
 from handlers.context import Block, Deps, OpsContext, Reply
 from handlers.registry import CLICK_COMMANDS, CommandArgs, NoArgs, clip_token, subcommand
 from services.access import Risk
-from services.alerts.watch import Fired, state_from_json
+from services.alerts.watch import Fired, state_from_json, watched
 from services.errors import CommandError
 
 log = structlog.get_logger(__name__)
@@ -134,8 +134,11 @@ class SilenceArgs(CommandArgs):
 
 
 def _known(deps: Deps, key: str) -> None:
+    # The rules the watcher holds each component to: its own, or the defaults its type gets.
     keys = {
-        rule.key(service, component) for service, component, spec in deps.inventory.components() for rule in spec.alerts
+        rule.key(w.target.service, w.target.component)
+        for w in watched(deps.inventory, frozenset(deps.probes))
+        for rule in w.rules
     }
     if deps.inventory.alerts.down_by_default:
         keys |= {f"{service}/{component}/ServiceDown" for service, component, _ in deps.inventory.components()}

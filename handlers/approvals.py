@@ -141,7 +141,8 @@ def approval_text(approval: Approval) -> str:
 def approval_reply(engine: ApprovalEngine, approval: Approval, *, interface: str) -> Reply:
     """The reply to a change request: the plan, posted where everyone can see it."""
     blocks = approval_blocks(engine, approval)
-    if interface != "slack":  # no buttons to press here: say what to type instead
+    # A schedule posts to the Slack channel, buttons and all; elsewhere there is nothing to press.
+    if interface not in ("slack", "schedule"):
         blocks = [b for b in blocks if b.get("type") != "actions"]
         blocks.append(bk.context(f"An approver can run `/ops approve {approval.id}` (or `/ops deny {approval.id}`)."))
     return Reply(approval_text(approval), blocks, approval_id=approval.id)

@@ -269,6 +269,7 @@ async def cleanup(ctx: OpsContext, args: CleanupArgs) -> Reply | Plan:
         details=tuple(p.line for p in parts),
         params={"rules": [p.params for p in planned]},
         facts=facts,
+        count=documents + files,
     )
 
 
@@ -336,7 +337,11 @@ class RunCleanup:
                         ]
                     )
                 ) from None
-        what = f"{documents:,} document(s) and {files:,} file(s) ({human_bytes(freed)})"
+        kinds = {r["kind"] for r in rules}
+        what = " and ".join(
+            ([f"{documents:,} document(s)"] if "documents" in kinds else [])
+            + ([f"{files:,} file(s) ({human_bytes(freed)})"] if "files" in kinds else [])
+        )
         return Outcome(f"Cleaned up {plan.service}: deleted {what}.", tuple(lines))
 
     async def _documents(self, target: DocumentTarget, params: Mapping[str, Any], progress: Progress) -> int:

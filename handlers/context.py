@@ -14,6 +14,8 @@ from services.access import RoleResolver
 from services.approvals import ApprovalEngine
 from services.backup.runner import BackupRunner
 from services.deploy.providers import DeployProviders
+from services.figures.base import FigureSource
+from services.figures.http import ScrapeHistory
 from services.health import HealthProbe, InFlightProbes, ProbeObserver, Status, Target
 from services.inventory import Inventory, LoadedInventory, Role
 from services.redaction import Redactor
@@ -138,6 +140,10 @@ class Deps:
     in_flight: InFlightProbes = field(default_factory=InFlightProbes)
     running: RunningCommands = field(default_factory=RunningCommands)
     acks: PendingAcks = field(default_factory=PendingAcks)
+    figures: Mapping[str, FigureSource] = field(default_factory=dict)
+    """`/ops status`'s figure sources by component type, built once (empty: built per request)."""
+    scrape_history: ScrapeHistory = field(default_factory=ScrapeHistory)
+    """The watcher's kept /metrics scrapes, which `/ops status` reads request rates from."""
 
     @property
     def inventory(self) -> Inventory:

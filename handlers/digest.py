@@ -1,8 +1,9 @@
 """/ops digest [daily|weekly|monthly] [--post]: the runbooks' periodic checklists as one message.
 
 A digest probes every service afresh, reads the backup catalog, the approvals and runs of its
-period, the alert states and the audit chain (``services.digest`` gathers all that as plain data),
-and this module renders it with every problem first. Each section ends with what changed since the
+period, the alert states, the job queues, the scheduled cleanups and the audit chain
+(``services.digest`` gathers all that as plain data), and this module renders it with every problem
+first. Each section ends with what changed since the
 previous *posted* digest of the same kind; a preview (without ``--post``) saves nothing, so it never
 changes what the next posted digest compares with.
 """
@@ -24,21 +25,25 @@ from handlers.registry import CommandArgs, clip_token, subcommand
 from services.access import Risk
 from services.alerts.rules import AlertState, Phase
 from services.digest import (
+    FAILED_STATES,
     FINISHED_STATES,
     PERIODS,
     AlertFacts,
     BackupFacts,
     BackupStanding,
     DigestFacts,
+    IntegrityStanding,
     JobsCheck,
     PreviousDigest,
+    QueueFacts,
     RunFacts,
+    ScheduledCleanup,
     availability_chart,
     gather_digest,
     save_posted,
 )
 from services.errors import CommandError
-from services.health import HealthReport, Status
+from services.health import HealthReport, Status, overall
 from services.state import Approval, ApprovalState
 from services.text import ago, size
 
@@ -179,16 +184,17 @@ def _hours(delta: timedelta) -> str:
 
 def _health_part(ctx: _Context, report: HealthReport) -> tuple[Part, dict[str, str]]:
     by_service = report.by_service()  # worst service first, worst component first
-    statuses = {service: max(i.result.status for i in items).label for service, items in by_service.items()}
+    # A provider's status page counts only where declared `affects: true` (as in /ops health).
+    statuses = {service: overall(items).label for service, items in by_service.items()}
     lines: list[str] = []
     problems: list[Problem] = []
     healthy: list[str] = []
     for service, items in by_service.items():
-        worst = max(i.result.status for i in items)
+        worst = overall(items)
         if worst is Status.HEALTHY:
             healthy.append(service)
             continue
-        bad = [i for i in items if i.result.status is not Status.HEALTHY]
+        bad = [i for i in items if i.counted and i.result.status is not Status.HEALTHY]
         detail = "; ".join(
             f"{bk.escape(i.target.component)}: {i.result.status.label} — {bk.escape(i.result.detail)}" for i in bad
         )
@@ -407,6 +413,117 @@ def _alerts_part(ctx: _Context, alerts: AlertFacts) -> tuple[Part, list[str]]:
     return Part(title, lines, change, problems=problems), firing_keys
 
 
+# -- queues and scheduled cleanups -----------------------------------------------------------------
+
+
+def _queue_line(ctx: _Context, facts: QueueFacts) -> str:
+    service = f"*{bk.escape(facts.service)}*"
+    unread = "; ".join(f"{bk.escape(c)}: {bk.escape(why.rstrip('.'))}" for c, why in facts.unread)
+    if not facts.queues:
+        if unread:
+            return f"{bk.STATUS_EMOJI[Status.WARNING]} {service} queues could not be read — {unread}"
+        return f"{bk.STATUS_EMOJI[Status.HEALTHY]} {service} queues: no queue found"
+    since = "in this period" if ctx.previous.at is None else "since the last digest"
+    said = [f"{facts.failed:,} failed job(s) {since}" if facts.failed else f"no failed job {since}"]
+    if facts.failed and len(facts.queues) > 1:
+        by = sorted((q for q in facts.queues if q.failed), key=lambda q: -q.failed)
+        said[0] += " (" + _names([f"{bk.escape(q.ref.name)} {q.failed:,}" for q in by], limit=3) + ")"
+    oldest = facts.oldest
+    if oldest is not None and oldest.oldest_waiting_seconds is not None:
+        waited = ago(timedelta(seconds=oldest.oldest_waiting_seconds))
+        said.append(f"oldest waiting job: `{bk.escape(oldest.ref.name)}`, added {waited}")
+    else:
+        said.append("nothing waiting")
+    if facts.paused:
+        said.append(":double_vertical_bar: paused: " + _names([f"`{bk.escape(n)}`" for n in facts.paused]))
+    if unread:
+        said.append(f"could not read {unread}")
+    if facts.more:
+        said.append("more queues may exist (the search for them stopped early)")
+    bad = facts.failed or facts.paused or facts.unread
+    return f"{bk.STATUS_EMOJI[Status.WARNING if bad else Status.HEALTHY]} {service} queues: " + " · ".join(said)
+
+
+def _cleanup_line(ctx: _Context, item: ScheduledCleanup) -> str:
+    service = f"*{bk.escape(item.service)}*"
+    run = item.run
+    if run is None:
+        names = ", ".join(f"`{bk.escape(n)}`" for n in item.schedules)
+        return f":grey_question: {service}: no scheduled cleanup ran in this period (schedule {names})"
+    if run.state is S.SUCCEEDED:
+        emoji = bk.STATUS_EMOJI[Status.HEALTHY]
+    else:
+        emoji = bk.STATUS_EMOJI[Status.CRITICAL if run.state in FAILED_STATES else Status.WARNING]
+    result = next((line.strip() for line in run.result.splitlines() if line.strip()), "")
+    ended = run.finished_at or run.decided_at or run.created_at
+    what = f"`{run.id}` `/ops {bk.escape(run.action)} {bk.escape(run.service)}` *{run.state.value}* {ctx.when(ended)}"
+    return f"{emoji} {service} last scheduled cleanup: {what}" + (
+        f": {bk.escape(result)}" if result else f" — {bk.escape(run.summary)}"
+    )
+
+
+def _queues_part(
+    ctx: _Context, queues: Sequence[QueueFacts], cleanups: Sequence[ScheduledCleanup]
+) -> tuple[Part | None, list[str]]:
+    """The queue line of each service with queues and the last scheduled cleanup of each service that
+    has one (None: nothing to say); and the paused queues, for the next digest."""
+    if not queues and not cleanups:
+        return None, []
+    lines = _bounded([_queue_line(ctx, q) for q in queues], what="more services with queues")
+    lines += _bounded([_cleanup_line(ctx, c) for c in cleanups], limit=10, what="more scheduled cleanups")
+    paused = [f"{q.service}/{name}" for q in queues for name in q.paused]
+    unread = {q.service for q in queues if q.unread}  # a queue that could not be read has not resumed
+    before = ctx.previous.names("queues_paused")
+    change = _changes(
+        ctx.previous,
+        [
+            ("newly paused", [p for p in paused if p not in before]),
+            ("resumed", sorted(p for p in before - set(paused) if p.split("/")[0] not in unread)),
+        ],
+    )
+    title = "*Queues and scheduled cleanups*"
+    if queues:
+        failed = sum(q.failed for q in queues)
+        since = "in this period" if ctx.previous.at is None else "since the last digest"
+        title += f" — {failed:,} failed job(s) {since}, {len(paused)} paused queue(s)"
+    return Part(title, lines, change), paused
+
+
+# -- integrity -------------------------------------------------------------------------------------
+
+
+def _integrity_part(ctx: _Context, standings: Sequence[IntegrityStanding]) -> Part | None:
+    """One line per service with an integrity check (runbook 003); a warning or worse is a problem."""
+    if not standings:
+        return None
+    lines: list[str] = []
+    problems: list[Problem] = []
+    for item in standings:
+        emoji, service = bk.STATUS_EMOJI[item.status], bk.escape(item.service)
+        if not item.problems:
+            lines.append(f"{emoji} *{service}* integrity healthy")
+            continue
+        first = item.problems[0]
+        more = f" (and {len(item.problems) - 1} more)" if len(item.problems) > 1 else ""
+        said = f"{bk.escape(first.name)}: {bk.escape(first.detail)}{more}"
+        lines.append(f"{emoji} *{service}* integrity {item.status.label} — {said}")
+        problems.append(
+            Problem(
+                f"integrity:{item.service}",
+                _line(f"{emoji} *{service}* integrity is {item.status.label}: {said}"),
+                f"{item.service} integrity {item.status.label} ({first.name}: {first.detail[:80]})",
+                item.status,
+            )
+        )
+    before = {
+        key.removeprefix("integrity:") for key, _ in ctx.previous.pairs("problems") if key.startswith("integrity:")
+    }
+    now = {p.key.removeprefix("integrity:") for p in problems}
+    change = _changes(ctx.previous, [("new", sorted(now - before)), ("cleared", sorted(before - now))])
+    note = "`/ops integrity <service>` for every line; `/ops integrity fix <service>` for orphans and stale jobs"
+    return Part("*Integrity*", _bounded(lines, what="more services"), change, note, problems)
+
+
 # -- the checklist ---------------------------------------------------------------------------------
 
 
@@ -509,6 +626,8 @@ def render_digest(facts: DigestFacts) -> Digest:
     backups_part, overdue, backups_check = _backups_part(ctx, facts.backups)
     runs_part, runs_snapshot, approvals_check = _runs_part(ctx, facts.runs)
     alerts_part, firing = _alerts_part(ctx, facts.alerts)
+    queues_part, paused = _queues_part(ctx, facts.queues, facts.cleanups)
+    integrity_part = _integrity_part(ctx, facts.integrity)
     checks = [_health_check(statuses)]
     jobs_check, audit_check = _jobs_check(facts.jobs), _audit_check(facts.audit_broken_at)
     checks += [c for c in (backups_check, jobs_check, approvals_check, audit_check) if c is not None]
@@ -519,6 +638,7 @@ def render_digest(facts: DigestFacts) -> Digest:
         *backups_part.problems,
         *runs_part.problems,
         *alerts_part.problems,
+        *(integrity_part.problems if integrity_part is not None else []),
         *checklist_part.problems,
     ]
     problems = sorted(found, key=lambda p: -p.severity)  # stable: within a severity, in section order
@@ -534,7 +654,8 @@ def render_digest(facts: DigestFacts) -> Digest:
     ]
     top = _part_blocks(ctx, problems_part)
     blocks = [*head, *top]
-    for part in (health_part, backups_part, runs_part, alerts_part, checklist_part):
+    parts = [health_part, backups_part, runs_part, alerts_part, queues_part, integrity_part, checklist_part]
+    for part in (p for p in parts if p is not None):
         blocks += [bk.divider(), *_part_blocks(ctx, part)]
     summary = [*head, *top]
     said = _names([p.text for p in problems], limit=10, sep="; ")
@@ -547,6 +668,7 @@ def render_digest(facts: DigestFacts) -> Digest:
         "backups_overdue": overdue,
         **runs_snapshot,
         "alerts_firing": firing,
+        "queues_paused": paused,
         "checklist": {c.key: c.ok for c in checks},
         "problems": [[p.key, p.text] for p in problems],  # a list: the order survives the JSON
     }

@@ -11,11 +11,12 @@ from handlers import blocks as bk
 from handlers.context import Block, Deps, OpsContext, Reply
 from handlers.registry import CommandArgs, resolve_service, subcommand
 from services.access import Risk
-from services.health import ComponentHealth, HealthReport, Status, check_health
+from services.health import ComponentHealth, HealthReport, Status, check_health, overall
 from services.health import targets_for as targets_for  # kept importable from here (bench/health_fanout.py)
 
 # After this long without a report the caller is told the check is under way.
 PROGRESS_AFTER = 2.0
+UNKNOWN_EMOJI = ":grey_question:"
 
 
 class HealthArgs(CommandArgs):
@@ -63,12 +64,14 @@ async def service_health(deps: Deps, service: str) -> tuple[Status, list[str]]:
     problems = [
         f"{item.target.component}: {item.result.status.label} — {item.result.detail}"
         for item in report.items
-        if item.result.status is not Status.HEALTHY
+        if item.counted and item.result.status is not Status.HEALTHY
     ]
     return report.status, problems
 
 
 def _emoji(item: ComponentHealth) -> str:
+    if item.unknown:
+        return UNKNOWN_EMOJI
     return bk.WAKING_EMOJI if item.result.waking else bk.STATUS_EMOJI[item.result.status]
 
 
@@ -92,13 +95,28 @@ def _duration(ms: float) -> str:
 
 
 def _counts(report: HealthReport) -> str:
-    counts = Counter(item.result.status for item in report.items)
+    own = [item for item in report.items if not item.third_party]
+    counts = Counter(item.result.status for item in own)
     parts = [f"{counts[s]} {s.label}" for s in (Status.CRITICAL, Status.WARNING, Status.HEALTHY) if counts[s]]
     services = len({item.target.service for item in report.items})
+    third = [item for item in report.items if item.third_party]
+    providers = ""
+    if third:
+        troubled = sum(1 for i in third if not i.unknown and i.result.status is not Status.HEALTHY)
+        unknown = sum(1 for i in third if i.unknown)
+        notes = [f"{troubled} with trouble" if troubled else "", f"{unknown} unknown" if unknown else ""]
+        providers = f" · {len(third)} third part{'y' if len(third) == 1 else 'ies'}: " + (
+            ", ".join(n for n in notes if n) or "all operational"
+        )
     return (
-        f"{len(report.items)} component(s) in {services} service(s): {', '.join(parts) or 'nothing probed'} · "
+        f"{len(own)} component(s) in {services} service(s): {', '.join(parts) or 'nothing probed'}{providers} · "
         f"took {_duration(report.duration_ms)}"
     )
+
+
+def _third_party_line(item: ComponentHealth, *, with_service: bool = False) -> str:
+    line = component_line(item, with_service=with_service)
+    return line + (" · _counts in the service's status_" if item.counted else "")
 
 
 def render_health(report: HealthReport, scope: str) -> Reply:
@@ -107,24 +125,37 @@ def render_health(report: HealthReport, scope: str) -> Reply:
     head = [bk.header(f"Health of {scope}: {status.label}"), bk.context(_counts(report))]
     body: list[Block] = []
     for service, items in report.by_service().items():
-        worst = max(i.result.status for i in items)
+        worst = overall(items)
         body += bk.sections(
-            (component_line(i) for i in items),
+            (component_line(i) for i in items if not i.third_party),
             title=f"{bk.STATUS_EMOJI[worst]} *{bk.escape(service)}*",
         )
+        # Providers' status pages (runbook 002) apart: not part of the service's status unless `affects`.
+        third = [i for i in items if i.third_party]
+        if third:
+            body += bk.sections((_third_party_line(i) for i in third), title="_Third parties:_")
     if report.skipped:
         skipped = ", ".join(f"{t.service}/{t.component} ({t.type})" for t in report.skipped)
         body.append(bk.context(f"Not probed (no health check for their type): {bk.escape(skipped)}"))
-    problems = [i for i in report.items if i.result.status is not Status.HEALTHY]
+    problems = [i for i in report.items if i.counted and i.result.status is not Status.HEALTHY]
     problems.sort(key=lambda i: -i.result.status)
+    troubled = [i for i in report.items if not i.counted and (i.unknown or i.result.status is not Status.HEALTHY)]
     summary = head + (
         bk.sections((component_line(i, with_service=True) for i in problems), title="*Problems first:*")[:40]
         if problems
         else [bk.section("Every component answered healthy.")]
     )
+    if troubled:
+        lines_of_third = (_third_party_line(i, with_service=True) for i in troubled)
+        summary += bk.sections(lines_of_third, title="*Third parties (not counted):*")[:5]
     lines = [title, _counts(report)]
     lines += [
         f"{i.result.status.label.upper():8} {i.target.service}/{i.target.component}: {i.result.detail}"
         for i in problems[:20]
+    ]
+    lines += [
+        f"{'UNKNOWN' if i.unknown else i.result.status.label.upper():8} {i.target.service}/{i.target.component} "
+        f"(third party, not counted): {i.result.detail}"
+        for i in troubled[:10]
     ]
     return Reply("\n".join(lines), head + body, summary=summary, status=status)

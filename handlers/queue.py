@@ -245,6 +245,7 @@ async def queue_clean(ctx: OpsContext, args: CleanArgs) -> Reply | Plan:
             "count": saved.count,
         },
         facts={"queue": _queue_fact(ref), f"{args.state} ids": saved.ref},
+        count=saved.count,
     )
 
 
@@ -282,6 +283,7 @@ async def queue_retry(ctx: OpsContext, args: RetryArgs) -> Reply | Plan:
         ),
         params={"component": target.component, "queue": ref.name, "ids_ref": saved.ref, "count": saved.count},
         facts={"queue": _queue_fact(ref), "failed ids": saved.ref},
+        count=saved.count,
     )
 
 

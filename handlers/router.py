@@ -5,16 +5,17 @@ from __future__ import annotations
 import difflib
 import time
 import uuid
+from dataclasses import replace
 
 import structlog
 
 from handlers import blocks as bk
-from handlers.approvals import approval_reply
+from handlers.approvals import approval_reply, result_reply, run_approved
 from handlers.context import Deps, Live, OpsContext, Progress, Reply
 from handlers.help import help_reply
-from handlers.registry import Registry, clip_token, may_run, parse_args, tokenize
-from services.access import describe
-from services.approvals import Plan
+from handlers.registry import Registry, Subcommand, clip_token, may_run, parse_args, tokenize
+from services.access import GroupLookupFailed, describe
+from services.approvals import Plan, preapproval
 from services.audit import record_event
 from services.errors import CommandError, PermissionDenied
 from services.inventory import Role
@@ -47,7 +48,13 @@ class Router:
         interface: str = "slack",
         progress: Progress | None = None,
         live: Live | None = None,
+        schedule: str | None = None,
     ) -> Reply:
+        """Run one /ops command for ``user_id`` and return its reply; every outcome is audited.
+
+        ``schedule`` names the schedule a command comes from: a plan its approval policy pre-approves
+        (below the ceiling) runs at once, approved by the schedule; any other plan is posted for approval.
+        """
         request_id = request_id or new_request_id()
         started = time.perf_counter()
         verb = "help"
@@ -57,17 +64,20 @@ class Router:
         detail = ""
         with structlog.contextvars.bound_contextvars(request_id=request_id, user=user_id):
             try:
-                roles = await deps.roles.roles_of(user_id)
                 tokens = tokenize(text)
-                if not tokens or tokens[0].lower() in ("help", "-h", "--help", "?"):
-                    reply = help_reply(self.registry, roles)
-                else:
-                    command, rest = self.registry.find(tokens)
-                    if command is None:
-                        verb = "unknown"
-                        raise CommandError(self._unknown(tokens[0], roles))
+                asks_help = not tokens or tokens[0].lower() in ("help", "-h", "--help", "?")
+                command, rest = (None, []) if asks_help else self.registry.find(tokens)
+                if command is not None:
                     verb = command.verb
                     structlog.contextvars.bind_contextvars(verb=verb)
+                elif not asks_help:
+                    verb = "unknown"
+                roles = await self._roles(deps, user_id, command)
+                if asks_help:
+                    reply = help_reply(self.registry, roles)
+                else:
+                    if command is None:
+                        raise CommandError(self._unknown(tokens[0], roles))
                     if not may_run(roles, command):
                         raise PermissionDenied(
                             f"`/ops {command.verb}` needs the {command.risk.required_role.value} role; "
@@ -82,6 +92,9 @@ class Router:
                     result = await command.func(ctx, args)
                     if isinstance(result, Plan):
                         # A change waits for its approvers: store the plan and show it, with buttons.
+                        pre = preapproval(deps.approvals.settings, result, schedule) if schedule else None
+                        if pre is not None:
+                            result = replace(result, details=(pre.note, *result.details))
                         approval = await deps.approvals.request(
                             result,
                             risk=command.risk,
@@ -90,8 +103,13 @@ class Router:
                             request_id=request_id,
                             check_channel=interface == "slack",
                         )
-                        reply = approval_reply(deps.approvals, approval, interface=interface)
-                        detail = f"approval {approval.id} pending"
+                        if pre is not None and pre.allowed and schedule is not None:
+                            approval = await deps.approvals.grant(approval, schedule=schedule, request_id=request_id)
+                            reply = result_reply(deps.approvals, await run_approved(deps, approval, request_id))
+                            outcome, detail = reply.outcome, reply.detail
+                        else:
+                            reply = approval_reply(deps.approvals, approval, interface=interface)
+                            detail = f"approval {approval.id} pending"
                     else:
                         reply = result
                         outcome, detail = reply.outcome, reply.detail
@@ -129,6 +147,19 @@ class Router:
                 deps.observe_command(verb, outcome, elapsed)
             log.info("command_finished", outcome=outcome, duration_ms=round(elapsed * 1000, 1))
         return reply
+
+    @staticmethod
+    async def _roles(deps: Deps, user_id: str, command: Subcommand | None) -> frozenset[Role]:
+        """The caller's roles. When a user group cannot be read, the roles held without groups still
+        count: enough for this command (or for help), it runs; otherwise the caller is refused."""
+        try:
+            return await deps.roles.roles_of(user_id)
+        except GroupLookupFailed:
+            certain = deps.roles.direct_roles(user_id)
+            if command is None or may_run(certain, command):
+                log.info("usergroup_lookup_failed_but_not_needed", verb=command.verb if command else "help")
+                return certain
+            raise
 
     def _unknown(self, word: str, roles: frozenset[Role]) -> str:
         allowed = sorted({c.verb.split()[0] for c in self.registry if may_run(roles, c)})

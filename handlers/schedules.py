@@ -9,10 +9,27 @@ from handlers.context import OpsContext, Reply
 from handlers.registry import NoArgs, subcommand
 from services.access import Risk
 from services.schedules import next_fire, zone
+from services.state import ScheduleRun
+
+# A scheduled run still without a result this long after it started is reported as probably lost.
+LOST_AFTER_MINUTES = 60
 
 
 def _local(moment: datetime, tz: str) -> str:
     return f"{moment.astimezone(zone(tz)):%a %Y-%m-%d %H:%M} {tz}"
+
+
+def _outcome(run: ScheduleRun, now: datetime) -> str:
+    """How the run went; a run without a result for long is said to be probably lost, not "running"."""
+    if run.finished_at is not None:
+        return run.outcome or "ok"
+    minutes = int((now - run.started_at).total_seconds() // 60)
+    if minutes < LOST_AFTER_MINUTES:
+        return f"running (started {minutes} min ago on {run.holder})"
+    return (
+        f"no result {minutes // 60} h {minutes % 60} min after it started on {run.holder}: "
+        "that replica probably stopped during the run; check what the command does before running it by hand"
+    )
 
 
 @subcommand(
@@ -37,8 +54,7 @@ async def schedules(ctx: OpsContext, args: NoArgs) -> Reply:
         if run is None:
             previous = "never run yet"
         else:
-            outcome = run.outcome or ("running" if run.finished_at is None else "ok")
-            previous = f"last {_local(run.fire_at, tz)}: {bk.escape(outcome[:150])}"
+            previous = f"last {_local(run.fire_at, tz)}: {bk.escape(_outcome(run, now)[:150])}"
         lines.append(
             f"*{bk.escape(spec.name)}* · `{bk.escape(spec.when)}` → `/ops {bk.escape(spec.command)}`{state}\n"
             f"      {upcoming} · {previous}"

@@ -14,6 +14,8 @@ from services.inventory import Role, Roles
 
 log = structlog.get_logger(__name__)
 
+SCHEDULER_USER = "opsbot:scheduler"  # the actor scheduled commands run (and are audited) as
+
 
 class Risk(StrEnum):
     """How much a command can hurt; decides the role it needs and whether it waits for approval."""
@@ -112,13 +114,21 @@ class RoleResolver:
         self._cache[group_id] = (now, members)
         return members
 
-    async def roles_of(self, user_id: str, *, fresh: bool = False) -> frozenset[Role]:
-        """The user's roles. Raises :class:`GroupLookupFailed` when the groups of a role above the
-        user's other roles could not be read (that role might be theirs)."""
+    def _direct(self, user_id: str) -> Role | None:
         top: Role | None = self._granted.get(user_id)
         for role in Role:
             if any(member in ("*", user_id) for member in self._roles.members(role)):
                 top = role if top is None or role.rank > top.rank else top
+        return top
+
+    def direct_roles(self, user_id: str) -> frozenset[Role]:
+        """The roles the user holds without any user group: what is certain when Slack cannot be asked."""
+        return implied(self._direct(user_id))
+
+    async def roles_of(self, user_id: str, *, fresh: bool = False) -> frozenset[Role]:
+        """The user's roles. Raises :class:`GroupLookupFailed` when the groups of a role above the
+        user's other roles could not be read (that role might be theirs)."""
+        top = self._direct(user_id)
         if self._group_members is None or not _SLACK_USER.match(user_id):
             return implied(top)
         for role in reversed(Role):  # the highest role first: the first group that has the user decides

@@ -75,6 +75,10 @@ class Plan:
     details: tuple[str, ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
     facts: Mapping[str, str] = field(default_factory=dict)
+    count: int | None = None
+    """How many items (documents, files, jobs, points) it deletes or changes: a pre-approval's ceiling."""
+    total: int | None = None
+    """How many there are in what it deletes from (the collection), for a ceiling given as a share."""
 
     def stored(self) -> dict[str, Any]:
         return {
@@ -82,6 +86,8 @@ class Plan:
             "params": dict(self.params),
             "facts": dict(self.facts),
             "fingerprint": fingerprint(self.facts),
+            "count": self.count,
+            "total": self.total,
         }
 
 
@@ -94,6 +100,8 @@ def plan_of(approval: Approval) -> Plan:
         details=tuple(approval.plan.get("details", ())),
         params=dict(approval.plan.get("params", {})),
         facts=dict(approval.plan.get("facts", {})),
+        count=approval.plan.get("count"),
+        total=approval.plan.get("total"),
     )
 
 
@@ -145,6 +153,51 @@ def policy_for(settings: ApprovalSettings, action: str, risk: Risk) -> Policy:
         approvers=values["approvers"] or (2 if values["critical"] else 1),
         expiry=timedelta(minutes=values["expiry_minutes"]),
         critical=bool(values["critical"]),
+    )
+
+
+@dataclass(frozen=True)
+class PreApproved:
+    """Whether a schedule's plan may run without a click, and the sentence that says why (or why not)."""
+
+    allowed: bool
+    note: str
+
+
+def preapproval(settings: ApprovalSettings, plan: Plan, schedule: str) -> PreApproved | None:
+    """Hold a scheduled plan against the schedule's pre-approval; None when the schedule has none for
+    this command (the plan is then posted for approval like any other)."""
+    rule = settings.schedules.get(schedule)
+    if rule is None or rule.command != plan.action:
+        return None
+    who = f"schedule `{schedule}`"
+    if plan.count is None:
+        return PreApproved(False, f"Posted for approval: {who} is pre-approved, but this plan does not count "
+                                  "what it deletes.")  # fmt: skip
+    if plan.count > rule.max_items:
+        return PreApproved(
+            False,
+            f"Posted for approval: it deletes {plan.count:,} item(s), above the {rule.max_items:,} "
+            f"{who} is pre-approved for.",
+        )
+    ceiling = f"up to {rule.max_items:,} item(s)"
+    if rule.max_share_pct is not None:
+        if not plan.total:
+            return PreApproved(
+                False,
+                f"Posted for approval: {who} is pre-approved up to {rule.max_share_pct:g} % of what it deletes "
+                "from, and this plan cannot say what share it is.",
+            )
+        share = 100 * plan.count / plan.total
+        if share > rule.max_share_pct:
+            return PreApproved(
+                False,
+                f"Posted for approval: it deletes {share:.1f} % ({plan.count:,} of {plan.total:,}), above the "
+                f"{rule.max_share_pct:g} % {who} is pre-approved for.",
+            )
+        ceiling += f" and {rule.max_share_pct:g} %"
+    return PreApproved(
+        True, f"Pre-approved: {who} may run `/ops {plan.action}` unasked {ceiling}; this plan: {plan.count:,}."
     )
 
 
@@ -263,6 +316,16 @@ class ApprovalEngine:
             await self._audit(approval, "requested", requester, request_id, "pending", approval.summary)
             return approval
         raise RuntimeError("could not find a free approval id")
+
+    async def grant(self, approval: Approval, *, schedule: str, request_id: str) -> Approval:
+        """Approve a pending request on behalf of a schedule the policy pre-approves (see
+        ``preapproval``); audited as approved by ``schedule:<name>``."""
+        by = f"schedule:{schedule}"
+        approved = await self.store.transition_approval(approval.id, [S.PENDING], S.APPROVED, at=self.clock(), by=by)
+        if approved is None:
+            raise RuntimeError(f"approval {approval.id} was no longer pending when its schedule approved it")
+        await self._audit(approved, "approved", by, request_id, "approved", f"pre-approved for {by}")
+        return approved
 
     def check_channel(self, risk: Risk, channel: str) -> None:
         """Refuse a destructive request from a channel the policy does not allow."""

@@ -56,6 +56,19 @@ class ThreadedClient:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+# Error codes of AWS APIs (Lambda, CloudWatch) that mean the bot's credentials are not allowed or not valid.
+AWS_DENIED = frozenset({"AccessDenied", "AccessDeniedException", "403"})
+AWS_BAD_CREDENTIALS = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+    }
+)
+
+
 def aws_error_code(exc: Any) -> str:
     """The error code of a botocore ClientError ("NoSuchBucket"), or its HTTP status."""
     error = exc.response.get("Error") or {}

@@ -1,24 +1,29 @@
 """What a digest shows, gathered as plain data: fresh probes, the backup catalog, the approvals and
 runs of the period, the alert states, stuck jobs and the audit chain, and the previous posted digest
-of the same kind to compare with. ``handlers/digest.py`` renders it; nothing here knows of Slack.
+of the same kind to compare with, each service's queues (failed jobs since that digest, the oldest
+waiting job, paused queues), what its last scheduled cleanup removed, and its integrity check (runbook
+003). ``handlers/digest.py`` renders it; nothing here knows of Slack.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from services.access import SCHEDULER_USER
 from services.alerts.rules import AlertState
 from services.alerts.watch import state_from_json, watched
 from services.backup.runner import BackupRunner
 from services.charts import weekly_chart
 from services.errors import CommandError
 from services.health import HealthProbe, HealthReport, ProbeObserver, Status, Target, check_health, targets_for
+from services.integrity import IntegrityChecker, Line, integrity_target
 from services.inventory import CloudSqlComponent, Inventory, PostgresComponent
 from services.jobs import JobsTarget
+from services.queues import QueueActivity, QueueTarget, queue_targets
 from services.redaction import Redactor
 from services.state import Approval, ApprovalState, BackupRecord, BackupState, StateStore
 
@@ -30,6 +35,8 @@ PERIODS: dict[str, timedelta] = {
 APPROVALS_READ = 1000  # approvals read per digest (newest first); plenty for a small team's month
 FAILED_BACKUPS_READ = 200
 JOBS_LIMIT = 5  # stuck jobs fetched per jobs table: the count is what the checklist needs
+INTEGRITY_DEADLINE = 60.0  # seconds one service's integrity check may take in a digest
+CLEANUP_ACTIONS = ("cleanup", "queue clean")  # what a scheduled cleanup runs, by the approval's action
 
 S = ApprovalState
 OPEN_STATES = (S.PENDING, S.APPROVED, S.RUNNING)
@@ -141,6 +148,42 @@ class JobsCheck:
 
 
 @dataclass(frozen=True)
+class QueueFacts:
+    """One service's queues: the jobs failed since ``since``, the oldest waiting job, the paused queues;
+    and, per component whose queues could not be read, why."""
+
+    service: str
+    since: datetime  # the previous digest of this kind (the period's start for the first)
+    queues: list[QueueActivity]
+    unread: list[tuple[str, str]] = field(default_factory=list)  # (component, why)
+    more: bool = False  # a component's search for queues stopped early: more queues may exist
+
+    @property
+    def failed(self) -> int:
+        return sum(q.failed for q in self.queues)
+
+    @property
+    def oldest(self) -> QueueActivity | None:
+        """The queue whose oldest waiting job has waited longest (None: nothing waiting)."""
+        waiting = [q for q in self.queues if q.oldest_waiting_seconds is not None]
+        return max(waiting, key=lambda q: q.oldest_waiting_seconds or 0.0, default=None)
+
+    @property
+    def paused(self) -> list[str]:
+        return [q.ref.name for q in self.queues if q.paused]
+
+
+@dataclass(frozen=True)
+class ScheduledCleanup:
+    """One service's newest cleanup asked for by the scheduler in the period (``run`` None: none ran,
+    though the inventory schedules one: ``schedules`` names them)."""
+
+    service: str
+    run: Approval | None
+    schedules: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class DigestFacts:
     """Everything one digest shows, for the ``kind`` period ending ``now``."""
 
@@ -155,6 +198,9 @@ class DigestFacts:
     alerts: AlertFacts
     jobs: list[JobsCheck]  # empty: no component has a jobs table
     audit_broken_at: int | None  # the event where the hash chain breaks, None when intact
+    queues: list[QueueFacts] = field(default_factory=list)  # services with queues, in inventory order
+    cleanups: list[ScheduledCleanup] = field(default_factory=list)
+    integrity: list[IntegrityStanding] = field(default_factory=list)  # services with an `integrity:` section
 
     def in_period(self, moment: datetime | None) -> bool:
         return _in(self.start, self.now, moment)
@@ -168,6 +214,7 @@ async def gather_digest(sources: DigestSources, kind: str, *, now: datetime) -> 
     start = now - PERIODS[kind]
     inventory = sources.inventory
     previous = await _previous(sources.store, kind)
+    since = previous.at or start  # failed jobs are counted since the last digest of this kind
     try:
         # One task group: should one read fail unexpectedly, the others (probes too) are cancelled.
         async with asyncio.TaskGroup() as group:
@@ -182,12 +229,45 @@ async def gather_digest(sources: DigestSources, kind: str, *, now: datetime) -> 
             alerts = group.create_task(_alerts(sources, now, start))
             jobs = group.create_task(_jobs(sources))
             audit = group.create_task(sources.store.verify_audit())
+            queues = group.create_task(_queues(sources, since, now))
+            integrity = group.create_task(_integrity(sources))
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return DigestFacts(
         kind, now, start, inventory.timezone, previous, probing.result(), backups.result(), runs.result(),
-        alerts.result(), jobs.result(), audit.result(),
+        alerts.result(), jobs.result(), audit.result(), queues.result(),
+        scheduled_cleanups(inventory, runs.result().finished), integrity.result(),
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class IntegrityStanding:
+    """One service's integrity check (runbook 003), run for the digest within a bounded deadline."""
+
+    service: str
+    status: Status
+    problems: tuple[Line, ...]  # the lines that are not healthy, in the check's order
+
+
+async def _integrity(sources: DigestSources) -> list[IntegrityStanding]:
+    """The integrity check of every service that declares one, concurrently, each cut to INTEGRITY_DEADLINE."""
+    inventory = sources.inventory
+    checker = IntegrityChecker(sources.redactor)
+
+    async def one(service: str) -> IntegrityStanding:
+        try:
+            target = integrity_target(inventory, service)
+        except CommandError as exc:
+            return IntegrityStanding(service, Status.CRITICAL, (Line("integrity", Status.CRITICAL, exc.message),))
+        deadline = min(target.settings.deadline_seconds, INTEGRITY_DEADLINE)
+        bounded = replace(target, settings=target.settings.model_copy(update={"deadline_seconds": deadline}))
+        report = await checker.check(bounded)
+        return IntegrityStanding(
+            service, report.status, tuple(line for line in report.lines if line.status is not Status.HEALTHY)
+        )
+
+    names = [name for name, spec in inventory.services.items() if spec.integrity is not None]
+    return list(await asyncio.gather(*(one(name) for name in names)))
 
 
 async def save_posted(sources: DigestSources, kind: str, *, at: datetime, snapshot: dict[str, Any]) -> None:
@@ -357,3 +437,79 @@ async def _jobs(sources: DigestSources) -> list[JobsCheck]:
         if isinstance(spec, PostgresComponent) and spec.jobs is not None
     ]
     return list(await asyncio.gather(*(_stuck_jobs(sources, service, target) for service, target in tables)))
+
+
+# -- queues ----------------------------------------------------------------------------------------
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+async def _component_queues(
+    sources: DigestSources, target: QueueTarget, since: datetime, now: datetime
+) -> tuple[list[QueueActivity], str, bool]:
+    """One component's queues (found, then read in one round trip), or why they could not be read."""
+    client = target.client(sources.redactor)
+    timeout = target.spec.timeout
+    try:
+        # The read is bounded by the timeout itself; a search for undeclared queues gets as long again.
+        async with asyncio.timeout(timeout * 2 + 1):
+            refs, more = await client.queues()
+            return await client.activity(refs, since_ms=_ms(since), now_ms=_ms(now)), "", more
+    except CommandError as exc:
+        return [], exc.message, False
+    except TimeoutError:
+        return [], f"no answer within {timeout * 2 + 1:g} s", False
+
+
+async def _service_queues(sources: DigestSources, service: str, targets: Sequence[QueueTarget],
+                          since: datetime, now: datetime) -> QueueFacts:  # fmt: skip
+    read = await asyncio.gather(*(_component_queues(sources, t, since, now) for t in targets))
+    queues = [q for found, _, _ in read for q in found]
+    unread = [(t.component, problem) for t, (_, problem, _) in zip(targets, read, strict=True) if problem]
+    return QueueFacts(service, since, queues, unread, any(more for _, _, more in read))
+
+
+async def _queues(sources: DigestSources, since: datetime, now: datetime) -> list[QueueFacts]:
+    """Every service with queue-holding Redis components, read concurrently; a Redis that does not
+    answer gives its reason, never an exception."""
+    inventory = sources.inventory
+    services = [(name, targets) for name in inventory.services if (targets := queue_targets(inventory, name))]
+    return list(
+        await asyncio.gather(*(_service_queues(sources, name, targets, since, now) for name, targets in services))
+    )
+
+
+# -- scheduled cleanups ----------------------------------------------------------------------------
+
+
+def cleanup_schedules(inventory: Inventory) -> dict[str, list[str]]:
+    """Service -> the enabled schedules that run ``cleanup <service>`` or ``queue clean <service> …``."""
+    found: dict[str, list[str]] = {}
+    for spec in inventory.schedules:
+        words = spec.command.lower().split()
+        if words[:1] == ["/ops"]:
+            words = words[1:]
+        if words[:1] == ["cleanup"]:
+            named = words[1:2]
+        elif words[:2] == ["queue", "clean"]:
+            named = words[2:3]
+        else:
+            continue
+        if spec.enabled and named and named[0] in inventory.services:
+            found.setdefault(named[0], []).append(spec.name)
+    return found
+
+
+def scheduled_cleanups(inventory: Inventory, finished: Sequence[Approval]) -> list[ScheduledCleanup]:
+    """Per service, the newest cleanup (``cleanup`` or ``queue clean``) the scheduler asked for among the
+    period's finished approvals; a service whose cleanup schedule ran none gets ``run`` None."""
+    newest: dict[str, Approval] = {}
+    for approval in sorted(finished, key=_ended_at):
+        if approval.action in CLEANUP_ACTIONS and approval.requester == SCHEDULER_USER:
+            newest[approval.service] = approval
+    declared = cleanup_schedules(inventory)
+    order = {name: i for i, name in enumerate(inventory.services)}
+    services = sorted(set(newest) | set(declared), key=lambda s: (order.get(s, len(order)), s))
+    return [ScheduledCleanup(s, newest.get(s), declared.get(s, [])) for s in services]

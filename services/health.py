@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
 from services.failures import network_problem, short_error
-from services.inventory import Component, Inventory
+from services.inventory import Component, Inventory, StatuspageComponent
 from services.redaction import Redactor
 
 
@@ -74,6 +74,28 @@ class ComponentHealth:
     target: Target
     result: ProbeResult
 
+    @property
+    def third_party(self) -> bool:
+        """A provider's status page (runbook 002): shown apart, under "third parties"."""
+        return isinstance(self.target.spec, StatuspageComponent)
+
+    @property
+    def unknown(self) -> bool:
+        """A provider's page that gave nothing readable (or a probe cut off before it said what it read)."""
+        return self.third_party and self.result.facts.get("provider_status", "unknown") == "unknown"
+
+    @property
+    def counted(self) -> bool:
+        """Whether it counts in its service's overall status: every component of ours does; a third party
+        only when declared ``affects: true``, and not while its page cannot be read."""
+        spec = self.target.spec
+        return not isinstance(spec, StatuspageComponent) or (spec.affects and not self.unknown)
+
+
+def overall(items: Iterable[ComponentHealth]) -> Status:
+    """The worst status among the items that count (see :attr:`ComponentHealth.counted`)."""
+    return max((item.result.status for item in items if item.counted), default=Status.HEALTHY)
+
 
 @dataclass(frozen=True)
 class HealthReport:
@@ -83,7 +105,7 @@ class HealthReport:
 
     @property
     def status(self) -> Status:
-        return max((item.result.status for item in self.items), default=Status.HEALTHY)
+        return overall(self.items)
 
     def by_service(self) -> dict[str, list[ComponentHealth]]:
         """Items grouped by service, worst service first, components worst first within each."""
@@ -92,7 +114,7 @@ class HealthReport:
             groups.setdefault(item.target.service, []).append(item)
         for members in groups.values():
             members.sort(key=lambda i: -i.result.status)
-        return dict(sorted(groups.items(), key=lambda kv: -max(i.result.status for i in kv[1])))
+        return dict(sorted(groups.items(), key=lambda kv: -overall(kv[1])))
 
 
 ProbeObserver = Callable[[str, float, Status], None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ import yaml
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -24,8 +26,17 @@ from pydantic import (
     model_validator,
 )
 
-from services.alerts.models import AlertRule
+from services.alerts.models import (
+    AlertRule,
+    CpuRule,
+    DiskRule,
+    MemoryRule,
+    ProviderIncidentRule,
+    QueueBacklogRule,
+    QueueFailureRateRule,
+)
 from services.errors import InventoryError
+from services.figures.thresholds import FigureThreshold, check_thresholds
 from services.schedules import ScheduleSpec
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -56,6 +67,17 @@ class ComponentBase(_Model):
         default_factory=list,
         description="Alert rules the watcher evaluates (default for probed types: ServiceDown after 1 min).",
     )
+    thresholds: dict[str, FigureThreshold] = Field(
+        default_factory=dict,
+        description="`/ops status` thresholds by figure name, e.g. {cpu_pct: {warning: 70, critical: 90}}; "
+        "default the runbooks' (CPU, memory > 80 %, error rate > 5 %, p95 > 1 s, disk ≥ 80/90 %).",
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_figures(cls, value: dict[str, FigureThreshold]) -> dict[str, FigureThreshold]:
+        check_thresholds(value)
+        return value
 
 
 class HttpComponent(ComponentBase):
@@ -123,7 +145,9 @@ QueueName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-
 class QueueSettings(_Model):
     """Bull or BullMQ job queues kept in a Redis (runbook 001), read and cleaned by `/ops queue`."""
 
-    library: Literal["bull", "bullmq"] = Field(description="The Node library writing them: bull (4.x) or bullmq (5.x).")
+    library: Literal["bull", "bullmq"] = Field(
+        description="The Node library writing them: bull (4.x) or bullmq (5.x or 6.x)."
+    )
     prefix: str = Field(
         "bull", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Key prefix (the library's `prefix` option)."
     )
@@ -132,12 +156,35 @@ class QueueSettings(_Model):
     )
 
 
+MAX_KEY_PREFIXES = 20
+KEY_PREFIX = re.compile(r"^[A-Za-z0-9_{}][A-Za-z0-9_{}:./|-]{0,99}$")
+
+
 class RedisComponent(ComponentBase):
     type: Literal["redis"]
     url: SecretStr = Field(description="redis://[:password@]host:port/db, usually ${VAR}.")
     memory_warning_pct: float = Field(80.0, gt=0, le=100)
     memory_critical_pct: float = Field(95.0, gt=0, le=100)
     queues: QueueSettings | None = Field(None, description="Bull/BullMQ queues in this Redis, for `/ops queue`.")
+    key_prefixes: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_KEY_PREFIXES,
+        description="Key prefixes whose keys `/ops stats` counts with a bounded SCAN, e.g. `cache:` or `yt:job:`.",
+    )
+
+    @field_validator("key_prefixes")
+    @classmethod
+    def _plain_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not KEY_PREFIX.match(prefix):
+                raise ValueError(
+                    f"{prefix[:40]!r} is not a key prefix: letters, digits and _ {{ }} : . / | - only "
+                    "(no wildcards or spaces), at most 100 characters"
+                )
+        repeated = sorted({p for p in value if value.count(p) > 1})
+        if repeated:
+            raise ValueError(f"{repeated[0]!r} is listed twice")
+        return value
 
     @model_validator(mode="after")
     def _thresholds_in_order(self) -> RedisComponent:
@@ -236,6 +283,16 @@ class RenderComponent(DeployComponent):
     poll_seconds: float = Field(5.0, gt=0, le=60, description="Seconds between checks of a running deploy.")
 
 
+class ComposeDisk(_Model):
+    """A filesystem inside a compose service, read with `docker compose exec <service> df -P <path>` (a
+    stack on another machine, reached through DOCKER_HOST, where the bot's own `host` cannot look)."""
+
+    service: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$", max_length=64)
+    path: str = Field(
+        pattern=r"^/[A-Za-z0-9._/@+-]*$", max_length=200, description="An absolute path in the container."
+    )
+
+
 class ComposeComponent(DeployComponent):
     type: Literal["compose"]
     project_dir: Path
@@ -246,6 +303,9 @@ class ComposeComponent(DeployComponent):
         None, description="A postgres component of the same service whose jobs table safe-stop/safe-start use."
     )
     grace_seconds: float = Field(60.0, ge=0, le=3600, description="safe-stop: how long in-flight jobs may finish.")
+    disks: list[ComposeDisk] = Field(
+        default_factory=list, max_length=20, description="Filesystems `/ops status` reads inside services with df."
+    )
 
 
 class FilesComponent(ComponentBase):
@@ -279,6 +339,139 @@ class CloudSqlComponent(ComponentBase):
     poll_seconds: float = Field(2.0, gt=0, le=60, description="Seconds between checks of a running operation.")
 
 
+_HOST_NAME = re.compile(
+    r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*$")
+
+
+class TlsComponent(ComponentBase):
+    """A TLS endpoint whose certificate is verified and watched for expiry (runbook 001)."""
+
+    type: Literal["tls"]
+    host: str = Field(max_length=253, description="Host name or IP address to connect to (no scheme, no port).")
+    port: int = Field(443, ge=1, le=65535)
+    server_name: str | None = Field(
+        None, max_length=253, description="Name sent as SNI and checked against the certificate (default: host)."
+    )
+    ca_file: Path | None = Field(
+        None, description="Absolute path of a PEM file of extra CAs to trust (a private CA), besides the system's."
+    )
+    warning_days: int = Field(21, ge=1, le=3650, description="Days left at or under which it is a warning.")
+    critical_days: int = Field(7, ge=0, le=3650, description="Days left at or under which it is critical.")
+    warning_lifetime_share: float = Field(
+        1 / 3, gt=0, lt=1, description="Short-lived certificates: under this share of the lifetime left is a warning."
+    )
+    critical_lifetime_share: float = Field(
+        0.1, gt=0, lt=1, description="Short-lived certificates: under this share of the lifetime left is critical."
+    )
+
+    @field_validator("host", "server_name")
+    @classmethod
+    def _plain_host(cls, value: str | None) -> str | None:
+        if value is not None and not (_HOST_NAME.match(value) or _IPV6.match(value)):
+            raise ValueError(f"{value[:60]!r} is not a host name or IP address (no scheme, path or port: use `port`)")
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _absolute_ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"{value}: must be an absolute path")
+        return value
+
+    @model_validator(mode="after")
+    def _thresholds_in_order(self) -> TlsComponent:
+        if self.critical_days >= self.warning_days:
+            raise ValueError("critical_days must be below warning_days")
+        if self.critical_lifetime_share >= self.warning_lifetime_share:
+            raise ValueError("critical_lifetime_share must be below warning_lifetime_share")
+        return self
+
+
+STATUSPAGE_PATHS = {"statuspage": "/api/v2/summary.json", "incidentio": "/api/v1/summary", "rss": "/history.rss"}
+"""Where each page format answers, below the page's URL (see services/probes/statuspage.py for the sources)."""
+
+
+class StatuspageComponent(ComponentBase):
+    """A provider's public status page (runbook 002): Render, Anthropic, Notion (Atlassian Statuspage), OpenAI
+    (incident.io). Shown under "third parties"; part of the service's overall status only if ``affects``."""
+
+    type: Literal["statuspage"]
+    url: AnyHttpUrl = Field(description="The status page, e.g. https://status.render.com")
+    format: Literal["statuspage", "incidentio", "rss"] = Field(
+        "statuspage",
+        description="statuspage: Atlassian Statuspage /api/v2/summary.json; incidentio: an incident.io page's "
+        "/api/v1/summary; rss: the page's RSS or Atom feed (/history.rss).",
+    )
+    path: str | None = Field(
+        None, max_length=200, description="Path of the answer below `url` (default by format: see `format`)."
+    )
+    components: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
+        default_factory=list,
+        max_length=50,
+        description="Names of the page's components that matter, e.g. [\"API\"]; empty: the page's overall status.",
+    )
+    affects: bool = Field(
+        False, description="Count the provider's status in the service's own overall status (default: shown only)."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be a path starting with /")
+        return value
+
+    @field_validator("components")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        folded = [name.strip().casefold() for name in value]
+        repeated = sorted({name for name, key in zip(value, folded, strict=True) if folded.count(key) > 1})
+        if repeated:
+            raise ValueError(f"{repeated[0]!r} is listed twice")
+        return [name.strip() for name in value]
+
+    @property
+    def endpoint(self) -> str:
+        """The URL polled: the page's URL and the format's path."""
+        return str(self.url).rstrip("/") + (self.path or STATUSPAGE_PATHS[self.format])
+
+
+class HostComponent(ComponentBase):
+    """The machine the bot runs on (runbook 001's stack runs beside it): use of each declared filesystem,
+    sizes of declared directories (uploads/, temp dirs) and memory, measured with Python's own calls."""
+
+    type: Literal["host"]
+    mounts: list[Path] = Field(
+        default_factory=lambda: [Path("/")], max_length=20, description="Absolute paths, one on each filesystem."
+    )
+    directories: list[Path] = Field(
+        default_factory=list, max_length=20, description="Absolute directories whose total size is shown."
+    )
+    memory: bool = Field(True, description="Show the host's memory use (from /proc/meminfo).")
+    walk_seconds: float = Field(
+        3.0, gt=0, le=60, description="Deadline of one directory walk; a walk cut off says `at least`."
+    )
+    walk_files: int = Field(1_000_000, ge=1, le=100_000_000, description="Entries one directory walk counts at most.")
+
+    @field_validator("mounts", "directories")
+    @classmethod
+    def _absolute_paths(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not path.is_absolute():
+                raise ValueError(f"{str(path)[:80]}: must be an absolute path")
+        if len(set(value)) != len(value):
+            raise ValueError("a path is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _walk_within_timeout(self) -> HostComponent:
+        if self.walk_seconds >= self.timeout:
+            raise ValueError(f"walk_seconds ({self.walk_seconds:g}) must be below timeout ({self.timeout:g})")
+        return self
+
+
 Component = Annotated[
     HttpComponent
     | PostgresComponent
@@ -291,7 +484,10 @@ Component = Annotated[
     | RenderComponent
     | ComposeComponent
     | FilesComponent
-    | CloudSqlComponent,
+    | CloudSqlComponent
+    | TlsComponent
+    | StatuspageComponent
+    | HostComponent,
     Field(discriminator="type"),
 ]
 
@@ -407,12 +603,164 @@ class CleanupSettings(_Model):
         return self
 
 
+TableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")]
+ColumnName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")]
+
+
+class PayloadId(_Model):
+    """The chunk id is kept in a payload field of each point (the point id is something else)."""
+
+    payload: FieldPath = Field(description="Payload field holding the chunk id, e.g. chunk_id.")
+
+
+def _vector_id(value: Any) -> Any:
+    if value == "same_id" or isinstance(value, PayloadId):
+        return value
+    if isinstance(value, dict) and set(value) == {"payload"}:
+        return value
+    raise ValueError("must be same_id (the point id is the chunk id) or {payload: <field>} (a payload field holds it)")
+
+
+VectorIdMapping = Annotated[Literal["same_id"] | PayloadId, BeforeValidator(_vector_id)]
+
+
+class ChunkVectors(_Model):
+    """A chunk table and the Qdrant collection holding one vector per chunk: compared as id sets."""
+
+    table: TableName = Field(description="The chunk table, optionally schema-qualified.")
+    id_column: ColumnName = Field("id", description="Its id column (integer, bigint, uuid or text).")
+    collection: CollectionName = Field(description="One of the qdrant component's collections.")
+    vector_id: VectorIdMapping = Field(
+        "same_id", description="same_id (the point id is the chunk id) or {payload: <field>}."
+    )
+
+
+class IntegritySettings(_Model):
+    """What `/ops integrity` checks for a service (runbook 003's check-data)."""
+
+    database: Name = Field(description="The postgres component holding the tables.")
+    qdrant: Name | None = Field(None, description="The qdrant component whose collections are checked.")
+    required_tables: list[TableName] = Field(default_factory=list, description="Tables that must exist.")
+    chunks: list[ChunkVectors] = Field(default_factory=list, description="Chunk tables compared with collections.")
+    jobs: Name | None = Field(
+        None,
+        description="A postgres component whose `jobs:` table is checked for stale processing jobs "
+        "(default: the database component's, if it declares one).",
+    )
+    stale_after_minutes: int = Field(
+        1440, gt=0, le=525_600, description="A job in processing for longer than this is stale (runbook 003: 1 day)."
+    )
+    page_size: int = Field(5000, ge=100, le=100_000, description="Ids read per page or Qdrant scroll request.")
+    deadline_seconds: float = Field(600.0, gt=0, le=7200, description="The whole check must end within this.")
+
+
+def _redis_pattern(value: str) -> str:
+    """A Redis glob with a literal prefix: never one that matches the whole key space."""
+    if not re.fullmatch(r"[A-Za-z0-9_{}:./|-][A-Za-z0-9_{}:./|*?\[\]^-]{0,199}", value):
+        raise ValueError(
+            f"{value[:40]!r} is not a key pattern: it starts with a literal character (letters, digits, "
+            "_ { } : . / | -; never a wildcard, so it cannot match every key), then those or * ? [ ], "
+            "at most 200 characters"
+        )
+    if value.count("[") != value.count("]") or re.search(r"\[[^\]]*\[|\][^\[]*\]", value.replace("[]", "")):
+        raise ValueError(f"{value[:40]!r}: its [ ] brackets do not pair up")
+    if value.startswith("opsbot:"):
+        raise ValueError(f"{value[:40]!r}: keys under opsbot: are the bot's own (its locks)")
+    return value
+
+
+KeyPattern = Annotated[str, BeforeValidator(_redis_pattern)]
+_DURATION = re.compile(r"^\s*(\d{1,6})\s*(s|m|min|h|d)\s*$")
+
+
+def _duration(value: Any) -> Any:
+    """``30m``, ``1h``, ``2d`` (or seconds as a number) as a timedelta."""
+    if isinstance(value, str):
+        match = _DURATION.match(value.lower())
+        if match is None:
+            raise ValueError(f"{value[:20]!r} is not a duration: a number and a unit, like 30m, 1h or 2d")
+        unit = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return timedelta(seconds=int(match.group(1)) * unit)
+    return value
+
+
+class ResetFiles(_Model):
+    """A temp directory a reset empties of the files matching ``match`` (through services/files.py)."""
+
+    path: Path = Field(description="An absolute directory below /; links are never followed.")
+    match: str = Field("*", min_length=1, max_length=100, pattern=r"^[^/\\]+$", description="File-name pattern.")
+    recursive: bool = Field(True, description="Also the files in the directories below (the directories stay).")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute() or ".." in value.parts or value == Path(value.anchor):
+            raise ValueError(f"{str(value)[:80]!r} must be an absolute directory below / (without ..)")
+        return value
+
+
+class ResetTargets(_Model):
+    """What one kind of reset empties, by component."""
+
+    tables: dict[Name, list[TableName]] = Field(
+        default_factory=dict,
+        description="Tables per postgres component, emptied with DELETE in this order (referencing tables first), "
+        "in one transaction per database.",
+    )
+    jobs: list[Name] = Field(
+        default_factory=list,
+        description="Postgres components whose `jobs:` table (the job queue) is emptied, before their other tables.",
+    )
+    collections: dict[Name, list[CollectionName]] = Field(
+        default_factory=dict,
+        description="Qdrant collections per qdrant component, emptied point by point (config and indexes kept).",
+    )
+    redis: dict[Name, list[KeyPattern]] = Field(
+        default_factory=dict, description="Key patterns per redis component, removed with SCAN + UNLINK."
+    )
+    files: list[ResetFiles] = Field(default_factory=list, description="Temp directories emptied of their files.")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.tables or self.jobs or self.collections or self.redis or self.files)
+
+
+class ResetSettings(_Model):
+    """What `/ops reset soft|hard` empties (runbook 003): soft, and for hard also `hard:`."""
+
+    soft: ResetTargets = Field(default_factory=ResetTargets, description="What a soft reset empties.")
+    hard: ResetTargets = Field(
+        default_factory=ResetTargets, description="What a hard reset empties besides the soft targets (after them)."
+    )
+    keep: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
+        default_factory=list, description="What a soft reset keeps, e.g. [channels]: shown in its plan."
+    )
+    backup_max_age: Annotated[timedelta, BeforeValidator(_duration)] = Field(
+        timedelta(hours=1),
+        description="A hard reset needs a good, verified backup of each backed-up component younger than this.",
+    )
+    require_snapshot: bool = Field(
+        False, description="Stop before deleting anything when Qdrant cannot snapshot a collection (default: go on, "
+        "saying the vectors can only be rebuilt by re-indexing).",
+    )  # fmt: skip
+    count_seconds: float = Field(5.0, gt=0, le=120, description="Longest exact count(*) of one table in a plan.")
+
+    @field_validator("backup_max_age")
+    @classmethod
+    def _sensible_age(cls, value: timedelta) -> timedelta:
+        if not timedelta(minutes=1) <= value <= timedelta(days=30):
+            raise ValueError("must be between 1 minute and 30 days")
+        return value
+
+
 class Service(_Model):
     description: str = ""
     runbook: str | None = Field(None, description="Which runbook this service follows.")
     components: dict[Name, Component] = Field(min_length=1)
     backup: ServiceBackup = Field(default_factory=ServiceBackup)
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings, description="Files `/ops cleanup` deletes.")
+    integrity: IntegritySettings | None = Field(None, description="What `/ops integrity` compares (runbook 003).")
+    reset: ResetSettings | None = Field(None, description="What `/ops reset soft|hard` empties (runbook 003).")
 
 
 class Roles(_Model):
@@ -446,6 +794,33 @@ class ApprovalRule(_Model):
     expiry_minutes: int | None = Field(None, ge=1, le=1440, description="Minutes a request waits for approval.")
 
 
+class PreApproval(_Model):
+    """A command one schedule may run without a click, below a ceiling (DESIGN: pre-approved schedules).
+
+    Above the ceiling the plan is posted for approval like any other; the run is audited as approved
+    by ``schedule:<name>``.
+    """
+
+    command: str = Field(
+        min_length=1, max_length=40, description='The command it may run, by its verb: "cleanup", "queue clean".'
+    )
+    max_items: int = Field(
+        ge=1, le=100_000_000, description="Most items (documents, files, jobs, points) a run may delete unasked."
+    )
+    max_share_pct: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="And at most this share of what it deletes from (a collection); a plan that cannot say "
+        "what share it is, is posted for approval.",
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _one_space(cls, value: str) -> str:
+        return " ".join(value.split())
+
+
 class ApprovalSettings(_Model):
     """Who approves what, how many, for how long, and where destructive commands may be asked for."""
 
@@ -457,8 +832,32 @@ class ApprovalSettings(_Model):
         default_factory=dict, description="Policy per risk level."
     )
     commands: dict[str, ApprovalRule] = Field(
-        default_factory=dict, description='Policy per command, by its verb, e.g. "jobs reset-stuck".'
+        default_factory=dict,
+        validate_default=True,
+        description='Policy per command, by its verb, e.g. "jobs reset-stuck"; `reset soft` and `reset hard` are '
+        "critical (two approvers) unless their rule sets `critical` or `approvers`.",
     )
+    schedules: dict[Name, PreApproval] = Field(
+        default_factory=dict,
+        description="Pre-approved schedules, by schedule name: the one command each may run without a click, "
+        "below its ceiling.",
+    )
+
+    @field_validator("commands")
+    @classmethod
+    def _critical_by_default(cls, value: dict[str, ApprovalRule]) -> dict[str, ApprovalRule]:
+        merged = dict(value)
+        for verb in CRITICAL_BY_DEFAULT:
+            rule = merged.get(verb)
+            if rule is None:
+                merged[verb] = ApprovalRule(critical=True)
+            elif not {"critical", "approvers"} & rule.model_fields_set:
+                merged[verb] = rule.model_copy(update={"critical": True})
+        return merged
+
+
+CRITICAL_BY_DEFAULT = ("reset soft", "reset hard")
+"""Commands that need two approvers unless the inventory's approvals.commands says otherwise."""
 
 
 class AlertSettings(_Model):
@@ -495,6 +894,17 @@ class Inventory(_Model):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Seoul)") from None
         return value
+
+    @model_validator(mode="after")
+    def _preapproved_schedules_exist(self) -> Inventory:
+        names = {s.name for s in self.schedules}
+        unknown = sorted(set(self.approvals.schedules) - names)
+        if unknown:
+            raise ValueError(
+                f"approvals.schedules names no schedule of this inventory: {', '.join(unknown)} "
+                f"(the schedules are: {', '.join(sorted(names)) or 'none'})"
+            )
+        return self
 
     def components(self) -> Iterator[tuple[str, str, Component]]:
         for service_name, service in self.services.items():
@@ -543,15 +953,20 @@ _TAGS = frozenset(
         "compose",
         "files",
         "cloudsql",
+        "tls",
+        "statuspage",
+        "host",
     }
 )
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
-    """Dotted path of a validation error, without the union tag pydantic inserts after a component."""
+    """Dotted path of a validation error, without the union tag pydantic inserts after a component or a rule."""
     out: list[str] = []
-    for part in map(str, loc):
-        if part in _TAGS and len(out) >= 2 and out[-2] == "components":
+    for i, part in enumerate(map(str, loc)):
+        if part in _TAGS and i >= 2 and loc[i - 2] == "components":  # the tag right after the component's name
+            continue
+        if i >= 2 and loc[i - 2] == "alerts" and isinstance(loc[i - 1], int):  # the rule's `kind`
             continue
         out.append(part)
     return ".".join(out)
@@ -559,6 +974,177 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 def _has_jobs_table(spec: Component | None) -> bool:
     return isinstance(spec, PostgresComponent) and spec.jobs is not None
+
+
+def _reset_problems(name: str, service: Service) -> list[str]:
+    """A reset section must name components of its own service, of the right types, each target once."""
+    spec = service.reset
+    if spec is None:
+        return []
+    where = f"services.{name}.reset"
+    components = service.components
+    known = ", ".join(sorted(components))
+    problems: list[str] = []
+    if spec.soft.empty and spec.hard.empty:
+        problems.append(f"{where}: declares nothing to empty (`soft:` and `hard:` are both empty)")
+
+    def check(path: str, component: str, kind: type[ComponentBase], label: str) -> Component | None:
+        found = components.get(component)
+        if found is None:
+            problems.append(f"{path}: {component!r} is not a component of {name} (components: {known})")
+            return None
+        if not isinstance(found, kind):
+            problems.append(f"{path}: {component!r} is a {found.type} component, not {label}")
+            return None
+        return found
+
+    tables: dict[str, list[str]] = {}
+    patterns: dict[str, list[str]] = {}
+    collections: dict[str, list[str]] = {}
+    directories: list[str] = []
+    for mode, targets in (("soft", spec.soft), ("hard", spec.hard)):
+        for component in targets.jobs:
+            found = check(f"{where}.{mode}.jobs", component, PostgresComponent, "postgres")
+            if isinstance(found, PostgresComponent):
+                if found.jobs is None:
+                    problems.append(f"{where}.{mode}.jobs: the postgres component {component!r} has no `jobs:` table")
+                else:
+                    tables.setdefault(component, []).append(found.jobs.table)
+        for component, names in targets.tables.items():
+            if check(f"{where}.{mode}.tables.{component}", component, PostgresComponent, "postgres"):
+                tables.setdefault(component, []).extend(names)
+        for component, names in targets.collections.items():
+            found = check(f"{where}.{mode}.collections.{component}", component, QdrantComponent, "qdrant")
+            if isinstance(found, QdrantComponent):
+                problems += [
+                    f"{where}.{mode}.collections.{component}: {c!r} is not one of the collections of {component!r}: "
+                    f"{', '.join(found.collections)}"
+                    for c in names
+                    if c not in found.collections
+                ]
+                collections.setdefault(component, []).extend(names)
+        for component, names in targets.redis.items():
+            if check(f"{where}.{mode}.redis.{component}", component, RedisComponent, "redis"):
+                patterns.setdefault(component, []).extend(names)
+        directories += [f"{d.path}|{d.match}" for d in targets.files]
+    for kind, listed in (("table", tables), ("collection", collections), ("key pattern", patterns)):
+        for component, names in listed.items():
+            problems += [
+                f"{where}: the {kind} {n!r} of {component!r} is listed twice (soft, hard and jobs together)"
+                for n in sorted({n for n in names if names.count(n) > 1})
+            ]
+    problems += [
+        f"{where}.files: {d.split('|')[0]!r} with match {d.split('|')[1]!r} is listed twice"
+        for d in sorted({d for d in directories if directories.count(d) > 1})
+    ]
+    soft_tables = {t.split(".")[-1] for names in spec.soft.tables.values() for t in names}
+    problems += [
+        f"{where}.keep: {kept!r} is kept, but `soft.tables` empties it" for kept in spec.keep if kept in soft_tables
+    ]
+    return problems
+
+
+def _integrity_problems(name: str, service: Service) -> list[str]:
+    """An integrity section must name components of its own service, of the right types."""
+    spec = service.integrity
+    if spec is None:
+        return []
+    where = f"services.{name}.integrity"
+    components = service.components
+    known = ", ".join(sorted(components))
+
+    def wrong(field: str, component: str | None, kind: type[ComponentBase], label: str) -> str | None:
+        if component is None:
+            return None
+        found = components.get(component)
+        if found is None:
+            return f"{where}.{field}: {component!r} is not a component of {name} (components: {known})"
+        if not isinstance(found, kind):
+            return f"{where}.{field}: {component!r} is a {found.type} component, not {label}"
+        return None
+
+    problems = [
+        p
+        for p in (
+            wrong("database", spec.database, PostgresComponent, "postgres"),
+            wrong("qdrant", spec.qdrant, QdrantComponent, "qdrant"),
+            wrong("jobs", spec.jobs, PostgresComponent, "postgres"),
+        )
+        if p is not None
+    ]
+    jobs = components.get(spec.jobs) if spec.jobs is not None else None
+    if isinstance(jobs, PostgresComponent) and jobs.jobs is None:
+        problems.append(f"{where}.jobs: the postgres component {spec.jobs!r} declares no `jobs:` table")
+    qdrant = components.get(spec.qdrant) if spec.qdrant is not None else None
+    for index, chunk in enumerate(spec.chunks):
+        if spec.qdrant is None:
+            problems.append(f"{where}.chunks.{index}: comparing with a collection needs `qdrant:` (a qdrant component)")
+        elif isinstance(qdrant, QdrantComponent) and chunk.collection not in qdrant.collections:
+            problems.append(
+                f"{where}.chunks.{index}.collection: {chunk.collection!r} is not one of the collections of "
+                f"{spec.qdrant!r}: {', '.join(qdrant.collections)}"
+            )
+    pairs = [(c.table, c.collection) for c in spec.chunks]
+    problems += [
+        f"{where}.chunks: {table} against {collection} is declared twice"
+        for table, collection in sorted(set(pairs))
+        if pairs.count((table, collection)) > 1
+    ]
+    return problems
+
+
+FIGURE_RULE_TYPES: Mapping[str, frozenset[str]] = {
+    "cpu": frozenset({"compose", "cloudrun", "cloudsql"}),
+    "memory": frozenset({"host", "compose", "cloudrun", "cloudsql"}),
+    "disk": frozenset({"host", "compose", "cloudsql"}),
+}
+"""Component types whose figure source measures what a cpu, memory or disk rule reads."""
+
+
+def _alert_problems(service: str, component: str, spec: Component) -> list[str]:
+    """Rules that cannot work where they sit: queue rules need a redis with `queues:`; one name per rule."""
+    where = f"services.{service}.components.{component}.alerts"
+    problems: list[str] = []
+    names: set[str] = set()
+    for index, rule in enumerate(spec.alerts):
+        if rule.alert_name in names:
+            problems.append(
+                f"{where}.{index}.name: an earlier rule of this component is already called {rule.alert_name!r}; "
+                "give each rule its own `name`"
+            )
+        names.add(rule.alert_name)
+        if isinstance(rule, CpuRule | MemoryRule | DiskRule):
+            if spec.type not in FIGURE_RULE_TYPES[rule.kind]:
+                problems.append(
+                    f"{where}.{index}: a {rule.kind} rule needs a component whose {rule.kind} figures opsbot reads "
+                    f"({', '.join(sorted(FIGURE_RULE_TYPES[rule.kind]))}), not a {spec.type} component"
+                )
+            elif isinstance(spec, ComposeComponent) and rule.kind == "disk" and not spec.disks:
+                problems.append(f"{where}.{index}: a disk rule on a compose component needs `disks:` to read")
+            continue
+        if isinstance(rule, ProviderIncidentRule) and not isinstance(spec, StatuspageComponent):
+            problems.append(
+                f"{where}.{index}: a provider_incident rule reads a provider's status page, so it belongs on a "
+                f"statuspage component, not on a {spec.type} component"
+            )
+        if not isinstance(rule, QueueFailureRateRule | QueueBacklogRule):
+            continue
+        if not isinstance(spec, RedisComponent):
+            problems.append(
+                f"{where}.{index}: a {rule.kind} rule reads Bull/BullMQ queues, so it belongs on a redis "
+                f"component with `queues:`, not on a {spec.type} component"
+            )
+        elif spec.queues is None:
+            problems.append(
+                f"{where}.{index}: a {rule.kind} rule needs `queues:` on this redis component "
+                "(the library and prefix of its queues)"
+            )
+        elif rule.queue is not None and spec.queues.names and rule.queue not in spec.queues.names:
+            problems.append(
+                f"{where}.{index}.queue: {rule.queue!r} is not one of the declared queues: "
+                f"{', '.join(spec.queues.names)}"
+            )
+    return problems
 
 
 def _cross_checks(inventory: Inventory) -> list[str]:
@@ -582,6 +1168,11 @@ def _cross_checks(inventory: Inventory) -> list[str]:
             for rule in sorted(set(rules))
             if rules.count(rule) > 1
         ]
+    for name, service in inventory.services.items():
+        problems += _integrity_problems(name, service)
+        problems += _reset_problems(name, service)
+    for s, c, spec in inventory.components():
+        problems += _alert_problems(s, c, spec)
     seen: set[str] = set()
     for index, schedule in enumerate(inventory.schedules):
         if schedule.name in seen:

@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
 
 from services.errors import CommandError
 
@@ -50,6 +52,11 @@ class PlanLists:
 
     def _path(self, ref: str) -> Path:
         return self.root / f"{ref}.json.gz"
+
+    def writer(self) -> PlanListWriter:
+        """A list saved as it is found, batch by batch (one too long to hold in memory); the same file and
+        reference as ``save`` of the whole list. Use ``async with``: a list not finished is discarded."""
+        return PlanListWriter(self)
 
     async def save(self, ids: Sequence[str]) -> PlanList:
         """Write the list (atomically, once per distinct list) and return its reference."""
@@ -107,3 +114,95 @@ class PlanLists:
             return f"{len(await self.load(ref))} ids"
         except CommandError as exc:
             return exc.message
+
+
+class PlanListWriter:
+    """One id list streamed to the state directory: the canonical JSON (as ``list_ref`` hashes it) is
+    gzip'd into a temporary file while its sha256 is computed, then renamed to its reference."""
+
+    def __init__(self, lists: PlanLists) -> None:
+        self._lists = lists
+        self._hash = hashlib.sha256(b"[")
+        self._count = 0
+        self._sample: list[str] = []
+        self._tmp: str | None = None
+        self._raw: IO[bytes] | None = None
+        self._out: gzip.GzipFile | None = None
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self._open)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._out is not None:
+            await asyncio.to_thread(self._discard)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def _open(self) -> None:
+        self._lists.root.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self._lists.root, prefix=".plan-", suffix=".tmp")
+        self._raw = os.fdopen(fd, "wb")
+        self._out = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=5)
+        self._out.write(b"[")
+
+    async def add(self, ids: Sequence[str]) -> None:
+        """Append these ids, in order."""
+        if not ids:
+            return
+        if self._out is None:
+            raise RuntimeError("this id list is finished (or was never opened with `async with`)")
+        texts = [str(i) for i in ids]
+        head = b"," if self._count else b""
+        chunk = head + b",".join(json.dumps(t).encode() for t in texts)
+        self._hash.update(chunk)
+        self._count += len(texts)
+        room = self._lists.sample_size - len(self._sample)
+        if room > 0:
+            self._sample += texts[:room]
+        await asyncio.to_thread(self._out.write, chunk)
+
+    async def finish(self) -> PlanList:
+        """Close the list and keep it under its reference."""
+        if self._out is None:
+            raise RuntimeError("this id list is finished (or was never opened with `async with`)")
+        self._hash.update(b"]")
+        ref = self._hash.hexdigest()
+        await asyncio.to_thread(self._close, ref)
+        return PlanList(ref, self._count, tuple(self._sample))
+
+    def _close(self, ref: str) -> None:
+        out, raw, tmp = self._out, self._raw, self._tmp
+        self._out = self._raw = self._tmp = None
+        if out is None or raw is None or tmp is None:
+            raise RuntimeError("this id list is already finished")
+        try:
+            out.write(b"]")
+            out.close()
+            raw.close()
+            path = self._lists._path(ref)
+            if path.exists():
+                os.unlink(tmp)  # the same list was saved before
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._lists._sweep()
+
+    def _discard(self) -> None:
+        out, raw, tmp = self._out, self._raw, self._tmp
+        self._out = self._raw = self._tmp = None
+        with contextlib.suppress(OSError, ValueError):
+            if out is not None:
+                out.close()
+            if raw is not None:
+                raw.close()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

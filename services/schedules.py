@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, CroniterError, croniter
@@ -99,6 +99,11 @@ class ScheduleSpec(BaseModel):
         60, ge=1, le=10080, description="How late a fire time missed while the bot was down may still run."
     )
     enabled: bool = True
+    on_warning: Literal["fix"] | None = Field(
+        None,
+        description="Only for `integrity <service>`: `fix` asks for `/ops integrity fix <service>` when the check "
+        "ends in a warning (posted for approval unless the approval policy pre-approves it for this schedule).",
+    )
 
     @field_validator("cron")
     @classmethod

@@ -6,24 +6,37 @@ them. The models import no part of the engine, so the inventory does not depend 
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
 __all__ = [
     "AlertRule",
+    "CertExpiryRule",
     "Comparison",
+    "CpuRule",
+    "DiskRule",
     "DownRule",
     "ErrorRateRule",
+    "FigureRule",
     "LatencyRule",
+    "MemoryRule",
+    "ProviderIncidentRule",
+    "QueueBacklogRule",
+    "QueueFailureRateRule",
+    "QueueRule",
     "RedisMemoryRule",
     "Severity",
     "SizeLimitRule",
 ]
 
 Severity = Literal["warning", "critical"]
+
+# The rules of services.queues.check_queue_name (not imported: that module imports the inventory).
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class Comparison(StrEnum):
@@ -139,8 +152,139 @@ class SizeLimitRule(_Rule):
     comparison: ClassVar[Comparison] = Comparison.AT_OR_ABOVE
 
 
+class CertExpiryRule(_Rule):
+    """CertificateExpiry (runbook 001): a tls component's certificate is at ``at`` or worse by the
+    component's own thresholds (days left, or a share of a short-lived certificate's life), or it no
+    longer verifies (expired, wrong host, unknown CA: critical)."""
+
+    kind: Literal["cert_expiry"]
+    at: Severity = Field("warning", description="Fire when the certificate's status is this or worse.")
+    for_minutes: float = Field(0, ge=0, le=1440, description="Minutes it must hold (a certificate does not flap).")
+
+    title: ClassVar[str] = "CertificateExpiry"
+    comparison: ClassVar[Comparison] = Comparison.AT_OR_ABOVE  # of the certificate's status against `at`
+
+
+class ProviderIncidentRule(_Rule):
+    """ProviderIncident (runbook 002): a provider's status page shows an active incident on the parts
+    a statuspage component declares (any, if it declares none); it resolves when the incident ends."""
+
+    kind: Literal["provider_incident"]
+    for_minutes: float = Field(0, ge=0, le=1440, description="Minutes an incident must last before it is posted.")
+
+    title: ClassVar[str] = "ProviderIncident"
+    comparison: ClassVar[Comparison] = Comparison.AT_OR_ABOVE  # of the incidents that matter against one
+
+
+class _FigureRule(_Rule):
+    """A rule on a figure the component's figure source measures (`/ops status`): the worst reading of
+    the figure this round (the fullest mount, the busiest container) against ``threshold_pct``."""
+
+    threshold_pct: float = Field(80, gt=0, le=100)
+
+    figure_prefix: ClassVar[str]
+    subject: ClassVar[str]
+
+
+class CpuRule(_FigureRule):
+    """HighCpu (runbook 000: CPU > 80 %): a container's, a Cloud Run service's or an instance's CPU."""
+
+    kind: Literal["cpu"]
+
+    title: ClassVar[str] = "HighCpu"
+    comparison: ClassVar[Comparison] = Comparison.ABOVE
+    figure_prefix: ClassVar[str] = "cpu_"
+    subject: ClassVar[str] = "CPU"
+
+
+class MemoryRule(_FigureRule):
+    """HighMemory (runbook 000: memory > 80 %): memory used against what the host or container may use."""
+
+    kind: Literal["memory"]
+
+    title: ClassVar[str] = "HighMemory"
+    comparison: ClassVar[Comparison] = Comparison.ABOVE
+    figure_prefix: ClassVar[str] = "memory_"
+    subject: ClassVar[str] = "memory"
+
+
+class DiskRule(_FigureRule):
+    """DiskFull (runbook 001: disk ≥ 90 %): the fullest declared filesystem; at exactly 90 % it fires."""
+
+    kind: Literal["disk"]
+    threshold_pct: float = Field(90, gt=0, le=100)
+
+    title: ClassVar[str] = "DiskFull"
+    comparison: ClassVar[Comparison] = Comparison.AT_OR_ABOVE
+    figure_prefix: ClassVar[str] = "disk_"
+    subject: ClassVar[str] = "disk"
+
+
+FigureRule = CpuRule | MemoryRule | DiskRule
+"""The rule kinds fed by a component's figure source (services/figures/)."""
+
+
+class _QueueRule(_Rule):
+    """A rule on the Bull/BullMQ queues a redis component declares (``queues:``), runbook 001."""
+
+    queue: str | None = Field(None, description="One queue by name; default every queue of the component.")
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, value: str | None) -> str | None:
+        if value is not None and not QUEUE_NAME.match(value):
+            raise ValueError(
+                "a queue name is letters, digits, `.`, `_` and `-` (at most 100, no wildcards, colons or slashes)"
+            )
+        return value
+
+
+class QueueFailureRateRule(_QueueRule):
+    """QueueFailureRate: failed among the jobs a queue finished in the last 15 min is above ``threshold_pct``.
+
+    Below ``min_finished`` finished jobs a queue is not judged (two failures of three is no trend).
+    """
+
+    kind: Literal["queue_failure_rate"]
+    threshold_pct: float = Field(10, gt=0, lt=100)
+    min_finished: int = Field(
+        20, ge=1, le=1_000_000, description="Jobs a queue must have finished in the window to be judged."
+    )
+
+    title: ClassVar[str] = "QueueFailureRate"
+    comparison: ClassVar[Comparison] = Comparison.ABOVE
+
+
+class QueueBacklogRule(_QueueRule):
+    """QueueBacklog: a queue's oldest waiting job has waited longer than ``threshold_minutes``.
+
+    Nothing takes its jobs (workers down or overwhelmed). A paused queue's waiting jobs are not a
+    backlog: pausing is an operator's choice.
+    """
+
+    kind: Literal["queue_oldest_waiting"]
+    threshold_minutes: float = Field(15, gt=0, le=10080)
+
+    title: ClassVar[str] = "QueueBacklog"
+    comparison: ClassVar[Comparison] = Comparison.ABOVE
+
+
+QueueRule = QueueFailureRateRule | QueueBacklogRule
+"""The rule kinds that read a redis component's queues."""
+
 AlertRule = Annotated[
-    DownRule | ErrorRateRule | LatencyRule | RedisMemoryRule | SizeLimitRule,
+    DownRule
+    | ErrorRateRule
+    | LatencyRule
+    | RedisMemoryRule
+    | SizeLimitRule
+    | QueueFailureRateRule
+    | QueueBacklogRule
+    | CertExpiryRule
+    | ProviderIncidentRule
+    | CpuRule
+    | MemoryRule
+    | DiskRule,
     Field(discriminator="kind"),
 ]
 """One alert rule of the inventory, told apart by ``kind``."""

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from fractions import Fraction
 from typing import Protocol, assert_never
 
 from services.alerts.metrics import (
@@ -24,25 +25,43 @@ from services.alerts.metrics import (
 )
 from services.alerts.models import (
     AlertRule,
+    CertExpiryRule,
     Comparison,
+    CpuRule,
+    DiskRule,
     DownRule,
     ErrorRateRule,
+    FigureRule,
     LatencyRule,
+    MemoryRule,
+    ProviderIncidentRule,
+    QueueBacklogRule,
+    QueueFailureRateRule,
+    QueueRule,
     RedisMemoryRule,
     SizeLimitRule,
 )
-from services.text import human_bytes
+from services.text import human_age, human_bytes
 
 __all__ = [
     "AlertRule",
     "AlertState",
+    "CertExpiryRule",
     "Comparison",
     "Condition",
+    "CpuRule",
+    "DiskRule",
     "DownRule",
     "ErrorRateRule",
+    "FigureReading",
     "LatencyRule",
+    "MemoryRule",
     "Observation",
     "Phase",
+    "ProviderIncidentRule",
+    "QueueBacklogRule",
+    "QueueFailureRateRule",
+    "QueueReading",
     "RedisMemoryRule",
     "Silence",
     "SizeLimitRule",
@@ -74,6 +93,32 @@ class Condition:
 
 
 @dataclass(frozen=True)
+class QueueReading:
+    """One Bull/BullMQ queue as the watcher read it this round: what the queue rules judge."""
+
+    name: str
+    paused: bool = False
+    waiting: int = 0
+    """Jobs in the wait list (and, paused, in the paused list)."""
+    oldest_waiting_seconds: float | None = None
+    finished: int = 0
+    """Jobs completed or failed in the last ``window_minutes``."""
+    failed: int = 0
+    window_minutes: float = 15
+    estimated: bool = False
+    """More jobs finished in the window than were read: ``finished`` and ``failed`` are scaled up."""
+
+
+@dataclass(frozen=True)
+class FigureReading:
+    """One figure a component's figure source measured this round (``disk_used_pct`` of ``disk /data``)."""
+
+    name: str
+    label: str
+    value: float
+
+
+@dataclass(frozen=True)
 class Observation:
     """What the watcher saw of one component this round; each rule reads the part it needs.
 
@@ -91,6 +136,20 @@ class Observation:
     size_used_bytes: int | None = None
     size_limit_bytes: int | None = None
     """The limit the probe found (a disk's size); a rule's own ``limit`` wins over it."""
+    cert_status: str | None = None
+    """A tls component's certificate status (healthy, warning, critical) when a certificate was read."""
+    cert_days_left: float | None = None
+    provider_incident: str | None = None
+    """A statuspage component's active incident that matters, in one line (name, impact, update, link);
+    empty when there is none; None when the page could not be read (or it is no statuspage)."""
+    queues: Sequence[QueueReading] | None = None
+    """A redis component's queues this round (declared, else discovered); None when not read."""
+    queues_problem: str = ""
+    """Why the queues could not be read (Redis did not answer in time, refused the password…)."""
+    figures: Sequence[FigureReading] | None = None
+    """What the component's figure source measured this round; None when it was not read."""
+    figures_problem: str = ""
+    """Why the figures could not be read (the source's own sentence)."""
 
 
 def check(rule: AlertRule, observation: Observation) -> Condition:
@@ -106,6 +165,16 @@ def check(rule: AlertRule, observation: Observation) -> Condition:
             return _check_redis_memory(rule, observation)
         case SizeLimitRule():
             return _check_size_limit(rule, observation)
+        case CertExpiryRule():
+            return _check_cert_expiry(rule, observation)
+        case ProviderIncidentRule():
+            return _check_provider_incident(observation)
+        case QueueFailureRateRule():
+            return _check_queue_failure_rate(rule, observation)
+        case QueueBacklogRule():
+            return _check_queue_backlog(rule, observation)
+        case CpuRule() | MemoryRule() | DiskRule():
+            return _check_figure(rule, observation)
         case _:  # pragma: no cover - every kind is matched above
             assert_never(rule)
 
@@ -173,6 +242,132 @@ def _check_size_limit(rule: SizeLimitRule, observation: Observation) -> Conditio
     if not limit:
         return Condition(Verdict.UNKNOWN, f"no limit known for the {rule.subject} ({human_bytes(used)} used)")
     return _share(rule.comparison, rule.threshold_pct, used, int(limit), rule.subject)
+
+
+def _check_queue_failure_rate(rule: QueueFailureRateRule, observation: Observation) -> Condition:
+    """The queue with the worst share of failed among its finished jobs; too few finished is no trend."""
+    readings = _queue_readings(rule, observation)
+    if isinstance(readings, Condition):
+        return readings
+    judged = [q for q in readings if q.finished >= rule.min_finished]
+    if not judged:
+        busiest = max(readings, key=lambda q: q.finished)
+        return Condition(
+            Verdict.OK,
+            f"too few jobs finished to judge: {busiest.name}: {_jobs(busiest, busiest.finished)} "
+            f"in {busiest.window_minutes:g} min (judged from {rule.min_finished:,})",
+        )
+    # Exact fractions, so that 12 of 120 is exactly 10 % and two queues at the same share tie.
+    worst = max(judged, key=lambda q: Fraction(q.failed, q.finished))
+    pct = worst.failed * 100 / worst.finished
+
+    def breached(q: QueueReading) -> bool:
+        return rule.comparison.breached(q.failed * 100, rule.threshold_pct * q.finished)
+
+    others = sum(1 for q in judged if q is not worst and breached(q))
+    evidence = (
+        f"{worst.name}: {_pct(pct)} % of {_jobs(worst, worst.finished)} failed in {worst.window_minutes:g} min; "
+        f"alerts {rule.comparison.words} {rule.threshold_pct:g} %"
+    )
+    if others:
+        evidence += f" ({others} more {'queue' if others == 1 else 'queues'} above it too)"
+    return Condition(Verdict.BREACH if breached(worst) else Verdict.OK, evidence, pct)
+
+
+def _check_queue_backlog(rule: QueueBacklogRule, observation: Observation) -> Condition:
+    """The oldest job waiting in any queue that is not paused (a paused queue waits on purpose)."""
+    readings = _queue_readings(rule, observation)
+    if isinstance(readings, Condition):
+        return readings
+    paused = [q for q in readings if q.paused and q.waiting]
+    paused_note = _paused_words(paused)
+    aged = [q for q in readings if not q.paused and q.oldest_waiting_seconds is not None]
+    if not aged:
+        unaged = [q for q in readings if not q.paused and q.waiting]
+        if unaged:
+            # The oldest job was taken between two reads, or its hash has no timestamp: judge next round.
+            return Condition(Verdict.UNKNOWN, f"{unaged[0].name}: the age of the oldest waiting job is not known")
+        return Condition(Verdict.OK, paused_note or "no jobs waiting", 0.0)
+    worst = max(aged, key=lambda q: q.oldest_waiting_seconds or 0.0)
+    seconds = worst.oldest_waiting_seconds or 0.0
+    breached = rule.comparison.breached(seconds, rule.threshold_minutes * 60)
+    evidence = (
+        f"{worst.name}: the oldest of {worst.waiting:,} waiting jobs has waited {human_age(seconds)}; "
+        f"alerts {rule.comparison.words} {rule.threshold_minutes:g} min"
+    )
+    if paused_note:
+        evidence += f" ({paused_note})"
+    return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, seconds / 60)
+
+
+def _queue_readings(rule: QueueRule, observation: Observation) -> list[QueueReading] | Condition:
+    """The queues the rule judges: the one it names, or all; unknown when Redis could not be read."""
+    if observation.queues is None:
+        why = f": {observation.queues_problem}" if observation.queues_problem else ""
+        return Condition(Verdict.UNKNOWN, f"cannot read the queues{why}")
+    if rule.queue is None:
+        return list(observation.queues) or Condition(Verdict.OK, "no queues found in this Redis")
+    named = [q for q in observation.queues if q.name == rule.queue]
+    return named or Condition(Verdict.UNKNOWN, f"there is no queue {rule.queue} in this Redis")
+
+
+def _paused_words(paused: Sequence[QueueReading]) -> str:
+    if not paused:
+        return ""
+    if len(paused) == 1:
+        q = paused[0]
+        return f"{q.name} is paused: its {q.waiting:,} waiting {'job is' if q.waiting == 1 else 'jobs are'} not a stall"
+    names = ", ".join(q.name for q in paused)
+    return f"{names} are paused: their {sum(q.waiting for q in paused):,} waiting jobs are not a stall"
+
+
+def _jobs(q: QueueReading, n: int) -> str:
+    return f"{'about ' if q.estimated else ''}{n:,} {'job' if n == 1 else 'jobs'}"
+
+
+def _pct(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")
+
+
+_CERT_RANK = {"healthy": 0, "warning": 1, "critical": 2}
+
+
+def _check_cert_expiry(rule: CertExpiryRule, observation: Observation) -> Condition:
+    """The probe judged the certificate by the component's thresholds; the rule holds that status against ``at``."""
+    rank = _CERT_RANK.get(observation.cert_status or "")
+    if rank is None:
+        return _unseen(observation, "the certificate")
+    breached = rank >= _CERT_RANK[rule.at]
+    evidence = f"{observation.detail}; alerts at {rule.at} or worse"
+    return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, observation.cert_days_left)
+
+
+def _check_provider_incident(observation: Observation) -> Condition:
+    """An incident on the provider's page is the breach; an unreadable page holds the alert where it is."""
+    if observation.provider_incident is None:
+        why = f": {observation.detail}" if observation.detail else ""
+        return Condition(Verdict.UNKNOWN, f"cannot read the status page{why}")
+    if observation.provider_incident:
+        return Condition(Verdict.BREACH, observation.provider_incident, 1)
+    evidence = f"no active incident ({observation.detail})" if observation.detail else "no active incident"
+    return Condition(Verdict.OK, evidence, 0)
+
+
+def _check_figure(rule: FigureRule, observation: Observation) -> Condition:
+    """The worst reading of the rule's figure (``cpu_*``, ``memory_*``, ``disk_*`` in %) this round."""
+    if observation.figures is None:
+        why = f": {observation.figures_problem}" if observation.figures_problem else ""
+        return Condition(Verdict.UNKNOWN, f"cannot read the {rule.subject} figures{why}")
+    readings = [f for f in observation.figures if f.name.startswith(rule.figure_prefix) and f.name.endswith("_pct")]
+    if not readings:
+        return Condition(Verdict.UNKNOWN, f"no {rule.subject} figure was reported")
+    worst = max(readings, key=lambda f: f.value)
+    breached = rule.comparison.breached(worst.value, rule.threshold_pct)
+    others = sum(1 for f in readings if f is not worst and rule.comparison.breached(f.value, rule.threshold_pct))
+    evidence = f"{worst.label} {_pct(worst.value)} %; alerts {rule.comparison.words} {rule.threshold_pct:g} %"
+    if others:
+        evidence += f" ({others} more {'reading' if others == 1 else 'readings'} past it too)"
+    return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, worst.value)
 
 
 def _scrape_pair(observation: Observation, window_seconds: float) -> tuple[Scrape, Scrape] | Condition:

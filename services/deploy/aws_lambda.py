@@ -29,7 +29,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
     ReadTimeoutError,
 )
 
-from services.clients import ThreadedClient, aws_error_code, public_endpoint
+from services.clients import AWS_BAD_CREDENTIALS, AWS_DENIED, ThreadedClient, aws_error_code, public_endpoint
 from services.deploy.base import DeployError, Progress, Release
 from services.failures import network_problem
 
@@ -44,14 +44,6 @@ _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]")
 _VERSION = re.compile(r"[1-9][0-9]{0,18}")
 _MAX_VERSIONS = 10_000  # pages are read to the end (oldest first); this bounds a runaway listing
 
-_DENIED = {"AccessDeniedException", "AccessDenied", "403"}
-_BAD_CREDENTIALS = {
-    "UnrecognizedClientException",
-    "InvalidSignatureException",
-    "ExpiredTokenException",
-    "InvalidClientTokenId",
-    "SignatureDoesNotMatch",
-}
 _T = TypeVar("_T")
 
 
@@ -179,9 +171,9 @@ class LambdaProvider:
             code = aws_error_code(exc)
             if code == "ResourceNotFoundException":
                 return f"the function or its alias {self.alias} does not exist in {self.region}"
-            if code in _DENIED:
+            if code in AWS_DENIED:
                 return "access denied (check the bot's IAM permissions on the function)"
-            if code in _BAD_CREDENTIALS:
+            if code in AWS_BAD_CREDENTIALS:
                 return f"AWS refused the bot's credentials ({code})"
             if code in ("TooManyRequestsException", "ThrottlingException"):
                 return "AWS is rate-limiting the bot; try again in a minute"

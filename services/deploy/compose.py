@@ -420,19 +420,31 @@ class ComposeProject:
         """``docker compose --project-directory DIR [-p NAME] ARGS…``: its stdout, or DeployError."""
         if not self._dir.is_dir():
             raise DeployError(f"The compose project directory {self._dir} does not exist on the bot's host.")
-        argv = [self._program(), "compose", "--project-directory", str(self._dir)]
+        argv = ["compose", "--project-directory", str(self._dir)]
         if self._name is not None:
             argv += ["-p", self._name]
-        argv += args
-        shown = " ".join(["docker compose", *args])
+        return await self._exec([*argv, *args], " ".join(["docker compose", *args]), cwd=self._dir)
+
+    async def docker(self, *args: str) -> bytes:
+        """``docker ARGS…`` (not compose: stats, inspect): its whole stdout, or DeployError."""
+        shown = " ".join(["docker", *args[:3]])
+        out = await self._exec(list(args), shown)
+        if out.stdout_overflow:
+            raise DeployError(f"`{shown}` printed more than {_STDOUT_LIMIT // 1024} KiB; refused.")
+        return out.stdout
+
+    async def _exec(self, args: list[str], shown: str, *, cwd: Path | None = None) -> _Output:
+        """docker with ``args``, as an argument list in its own process group, output bounded, killed with
+        its group on timeout or cancel; its stdout, or DeployError saying what failed."""
         try:
             process = await asyncio.create_subprocess_exec(
-                *argv,
+                self._program(),
+                *args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=self._env(),
-                cwd=self._dir,
+                cwd=cwd,
                 start_new_session=True,  # its own process group, killed as one; no Ctrl-C meant for the bot
             )
         except FileNotFoundError:
@@ -441,7 +453,7 @@ class ComposeProject:
             raise DeployError(f"docker could not be started: {exc.strerror or type(exc).__name__}") from None
         stdout = asyncio.create_task(_read_head(process.stdout, _STDOUT_LIMIT))
         stderr = asyncio.create_task(_read_tail(process.stderr, _STDERR_LIMIT))
-        log.info("running %s in %s", shown, self._dir)
+        log.info("running %s in %s", shown, cwd or ".")
         try:
             async with asyncio.timeout(self._timeout):
                 # asyncio.wait leaves the readers running when it is cut short: _reap drains them.

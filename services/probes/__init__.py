@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PROBED_TYPES", "build_health_probes"]
 
-PROBED_TYPES = frozenset({"http", "postgres", "redis", "mongodb", "qdrant", "sqlite"})
+PROBED_TYPES = frozenset({"http", "postgres", "redis", "mongodb", "qdrant", "sqlite", "tls", "statuspage", "host"})
 
 
 def _http(session: aiohttp.ClientSession, qdrant_factory: QdrantClientFactory | None) -> HealthProbe:
@@ -59,6 +59,25 @@ def _sqlite(session: aiohttp.ClientSession, qdrant_factory: QdrantClientFactory 
     return SqliteProbe()
 
 
+def _tls(session: aiohttp.ClientSession, qdrant_factory: QdrantClientFactory | None) -> HealthProbe:
+    from services.probes.tls import TlsProbe
+
+    return TlsProbe()
+
+
+def _host(session: aiohttp.ClientSession, qdrant_factory: QdrantClientFactory | None) -> HealthProbe:
+    from services.probes.host import HostProbe
+
+    return HostProbe()
+
+
+def _statuspage(session: aiohttp.ClientSession, qdrant_factory: QdrantClientFactory | None) -> HealthProbe:
+    from services.probes.statuspage import StatuspageProbe
+
+    # One per process, so its per-page cache is shared by /ops health, the watcher and the digest.
+    return StatuspageProbe(session)
+
+
 _BUILDERS: dict[str, Callable[[aiohttp.ClientSession, QdrantClientFactory | None], HealthProbe]] = {
     "http": _http,
     "postgres": _postgres,
@@ -66,6 +85,9 @@ _BUILDERS: dict[str, Callable[[aiohttp.ClientSession, QdrantClientFactory | None
     "mongodb": _mongodb,
     "qdrant": _qdrant,
     "sqlite": _sqlite,
+    "tls": _tls,
+    "host": _host,
+    "statuspage": _statuspage,
 }
 
 

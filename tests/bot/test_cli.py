@@ -395,3 +395,58 @@ def test_config_check_refuses_a_schedule_whose_command_is_not_one(
     path.write_text(path.read_text().replace("{name: nightly, every", "{name: keepalive, every"))
     assert config_check(path) == 1
     assert "schedules.0.command: `/ops hleath all` is not an opsbot command" in capsys.readouterr().err
+
+
+def test_config_check_refuses_pre_approvals_that_do_not_fit_their_schedule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import config_check
+
+    path = tmp_path / "pre.yaml"
+    body = (
+        "schedules:\n"
+        '  - {name: nightly, cron: "0 2 * * *", command: "cleanup shop"}\n'
+        '  - {name: checks, cron: "0 3 * * *", command: "health all"}\n'
+        "services:\n  shop:\n    components:\n      db: {type: sqlite, path: /tmp/x.db}\n"
+    )
+    path.write_text("approvals:\n  schedules:\n    nightlly: {command: cleanup, max_items: 10}\n" + body)
+    assert config_check(path) == 1
+    err = capsys.readouterr().err
+    assert (
+        "approvals.schedules names no schedule of this inventory: nightlly (the schedules are: checks, nightly)" in err
+    )
+    path.write_text(
+        "approvals:\n  schedules:\n"
+        "    nightly: {command: queue clean, max_items: 10}\n"
+        "    checks: {command: health, max_items: 10}\n" + body
+    )
+    assert config_check(path) == 1
+    err = capsys.readouterr().err
+    assert "approvals.schedules.nightly.command: schedule `nightly` runs `/ops cleanup`, not `/ops queue clean`" in err
+    assert "approvals.schedules.checks.command: `health` is not a command that needs approval" in err
+    path.write_text("approvals:\n  schedules:\n    nightly: {command: cleanup, max_items: 0}\n" + body)
+    assert config_check(path) == 1
+    assert "approvals.schedules.nightly.max_items" in capsys.readouterr().err
+    path.write_text("approvals:\n  schedules:\n    nightly: {command: cleanup,  max_items: 10}\n" + body)
+    assert config_check(path) == 0
+
+
+@pytest.mark.parametrize("name", ["list", "verify", "clean", "retry", "fix", "status", "set", "health", "all"])
+def test_config_check_refuses_a_service_named_like_a_command_word(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import config_check
+
+    path = tmp_path / "words.yaml"
+    path.write_text(f"services:\n  {name}:\n    components:\n      db: {{type: sqlite, path: /tmp/x.db}}\n")
+    assert config_check(path) == 1
+    assert f"services.{name}: `{name}` is a command word (`/ops … {name}` would be ambiguous)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_every_word_of_every_verb_is_reserved() -> None:
+    from handlers.commands import load_registry, reserved_words
+
+    words = {word for command in load_registry() for word in command.verb.split()}
+    assert {"list", "verify", "clean", "retry", "reset-stuck"} <= words <= reserved_words()

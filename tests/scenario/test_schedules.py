@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bot.scheduler import SCHEDULER_USER, build_scheduler
@@ -88,3 +88,24 @@ async def test_schedules_lists_each_one_with_its_next_and_last_run(fake_slack: F
         assert "last Mon 2026-11-23 02:00 Asia/Seoul: failed: boom" in shown
         assert "next " in shown and "Asia/Seoul" in shown
         assert "*keepalive*" in shown and "*disabled*" in shown and "never run yet" in shown
+
+
+async def test_a_run_without_a_result_is_running_then_said_to_be_lost(fake_slack: FakeSlack, tmp_path: Path) -> None:
+    db = tmp_path / "shop.db"
+    db.touch()
+    loaded = inventory(INVENTORY.replace("DB", str(db)))
+    async with running_bot(fake_slack, tmp_path, loaded) as bot:
+        store = bot.container.store
+        now = datetime.now(UTC)
+        shown: list[str] = []
+        for started, key in ((now - timedelta(hours=3, minutes=7), "old"), (now - timedelta(minutes=5), "fresh")):
+            fire = started.replace(second=0, microsecond=0)
+            await store.claim_schedule_run("nightly-health", fire, holder=f"replica-{key}", at=started)
+            body = fake_slack.slash_body(
+                "schedules", user_id=VIEWER, channel_id="C0OPS", response_url=fake_slack.response_url(key)
+            )
+            assert (await bot.post(body)).status == 200
+            [answer] = await fake_slack.wait_for(f"response_url/{key}")
+            shown.append(str(answer.params.get("blocks")))
+        assert "no result 3 h 7 min after it started on replica-old: that replica probably stopped" in shown[0]
+        assert "running (started 5 min ago on replica-fresh)" in shown[1]

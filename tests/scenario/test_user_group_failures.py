@@ -132,9 +132,9 @@ async def test_a_command_after_the_groups_cache_expired_is_refused_when_the_look
     assert bot.slack.calls_to("chat.postMessage") == []  # no plan was posted
     assert await bot.container.store.list_approvals(list(ApprovalState), limit=10) == []
     [event, *_] = await bot.container.store.audit_events(limit=10)
-    # The router resolves roles before it parses the verb, so the event is filed under "help"; its
-    # arguments say what was asked.
-    assert (event.actor, event.args, event.outcome) == (OPERATOR, "jobs reset-stuck pipeline", "error")
+    assert (event.actor, event.command, event.args, event.outcome) == (
+        OPERATOR, "jobs reset-stuck", "jobs reset-stuck pipeline", "error",
+    )  # fmt: skip
     assert event.detail == REFUSAL
 
     # Slack answers again: the same command is planned, on what Slack says now.
@@ -142,6 +142,24 @@ async def test_a_command_after_the_groups_cache_expired_is_refused_when_the_look
     await bot.slack.wait_for("chat.postMessage", timeout=15)
     await settle_lookups(bot, failure, lookups, 2)  # S0APPROVERS (failed), then S0APPROVERS and S0OPS
     assert len(bot.slack.calls_to("response_url/op")) == 2  # the refusal was the one answer
+
+
+async def test_a_command_the_roles_held_without_groups_allow_still_runs_when_the_lookup_fails(
+    group_bot: Bot, failure: str
+) -> None:
+    bot = group_bot
+    await command(bot, "help", OPERATOR, "op")
+    await answers_to(bot, "op", 1)
+    bot.container.deps.roles.ttl = 0  # the cached membership has expired
+    lookups = len(bot.slack.calls_to(LOOKUP))
+
+    with lookup_failing(bot, failure):
+        await command(bot, "schedules", OPERATOR, "op")  # read-only: everyone is a viewer
+        answer = (await answers_to(bot, "op", 2))[1]
+    assert answer != REFUSAL and "schedule" in answer
+    [event, *_] = await bot.container.store.audit_events(limit=10)
+    assert (event.actor, event.command, event.outcome) == (OPERATOR, "schedules", "ok")
+    await settle_lookups(bot, failure, lookups, 0)
 
 
 async def test_an_approve_click_is_refused_when_the_lookup_fails(group_bot: Bot, failure: str) -> None:

@@ -321,7 +321,7 @@ async def test_wrong_component_type_is_refused(http_session: aiohttp.ClientSessi
 async def test_build_health_probes_covers_every_probed_type(http_session: aiohttp.ClientSession) -> None:
     probes = build_health_probes(http_session)
 
-    assert set(probes) == {"http", "postgres", "redis", "mongodb", "qdrant", "sqlite"}
+    assert set(probes) == {"http", "postgres", "redis", "mongodb", "qdrant", "sqlite", "tls", "statuspage", "host"}
     assert set(build_health_probes(http_session, types={"http", "sqlite", "cloudrun"})) == {"http", "sqlite"}
 
 
