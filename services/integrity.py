@@ -45,6 +45,7 @@ from services.inventory import (
 from services.jobs import Job, JobsClient
 from services.probes.qdrant import default_qdrant_client
 from services.redaction import Redactor
+from services.sql import quote_ident, relation
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +201,6 @@ def integrity_target(inventory: Inventory, service: str) -> IntegrityTarget:
 
 class _Unavailable(Exception):
     """A check could not be made; the message is a plain phrase (no secrets)."""
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-def _relation(table: str) -> str:
-    return ".".join(_quote(part) for part in table.split("."))
 
 
 def minutes_text(minutes: int) -> str:
@@ -432,7 +425,7 @@ class IntegrityChecker:
                 rows = await conn.fetch(
                     "select t, to_regclass(q) is not null as present from unnest($1::text[], $2::text[]) as u(t, q)",
                     tables,
-                    [_relation(t) for t in tables],
+                    [relation(t) for t in tables],
                     timeout=timeout,
                 )
                 exists = {str(r["t"]): bool(r["present"]) for r in rows}
@@ -441,7 +434,7 @@ class IntegrityChecker:
                 for chunk_table in {c.table for c in target.settings.chunks} - set(absent):
                     present[chunk_table] = bool(
                         await conn.fetchval(
-                            f"select exists(select 1 from {_relation(chunk_table)})",  # noqa: S608 (quoted identifier)
+                            f"select exists(select 1 from {relation(chunk_table)})",  # noqa: S608 (quoted identifier)
                             timeout=timeout,
                         )
                     )
@@ -568,7 +561,7 @@ class IntegrityChecker:
         return Line(label, Status.WARNING, f"{figures}: " + "; ".join(parts))
 
     async def _id_column(self, conn: Any, chunk: ChunkVectors, seconds: float) -> tuple[str, int]:
-        row = await conn.fetchrow(_COLUMN_SQL, _relation(chunk.table), chunk.id_column, timeout=seconds)
+        row = await conn.fetchrow(_COLUMN_SQL, relation(chunk.table), chunk.id_column, timeout=seconds)
         if row is None:
             raise _Unavailable(f"the chunk table `{chunk.table}` has no column `{chunk.id_column}`")
         base = int(row["base_type"])
@@ -620,7 +613,7 @@ class IntegrityChecker:
                     await task
 
     def _chunk_query(self, chunk: ChunkVectors, base: int) -> str:
-        column, relation = _quote(chunk.id_column), _relation(chunk.table)
+        column, table_sql = quote_ident(chunk.id_column), relation(chunk.table)
         if base in _TEXTS:
             # Text ids in Qdrant's order: unsigned integers (by value), then UUIDs (by value), then
             # anything else (which no point id can equal). Nested CASEs: SQL does not promise to
@@ -630,11 +623,11 @@ class IntegrityChecker:
                 f"then 0 else 2 end when {column} ~ '{_UUID_RE}' then 1 else 2 end"
             )
             return (
-                f"select {column}::text as id, {kind} as kind from {relation} where {column} is not null "  # noqa: S608
+                f"select {column}::text as id, {kind} as kind from {table_sql} where {column} is not null "  # noqa: S608
                 f"order by 2, case when {column} ~ '^[0-9]{{1,20}}$' then {column}::numeric end, "
                 f"case when {column} ~ '{_UUID_RE}' then {column}::uuid end, {column} collate \"C\""
             )
-        return f"select {column} as id from {relation} where {column} is not null order by {column}"  # noqa: S608
+        return f"select {column} as id from {table_sql} where {column} is not null order by {column}"  # noqa: S608
 
     async def _same_id_diff(
         self,
@@ -766,7 +759,7 @@ class IntegrityChecker:
         sink: OrphanSink | None,
     ) -> ChunkDiff:
         path = mapping.payload.split(".")
-        column, relation = _quote(chunk.id_column), _relation(chunk.table)
+        column, table_sql = quote_ident(chunk.id_column), relation(chunk.table)
         temp_type = "text" if base in _TEXTS else id_type
         convert = _converter(base)
         page = target.settings.page_size
@@ -797,7 +790,7 @@ class IntegrityChecker:
             # Orphans in Qdrant's id order (numbers are shorter than UUIDs, and by length then text is by value).
             orphan_cursor = await conn.cursor(
                 f"select p.point_id from opsbot_points p where p.chunk_id is null or not exists "  # noqa: S608
-                f"(select 1 from {relation} c where c.{column} = p.chunk_id) order by length(p.point_id), p.point_id",
+                f"(select 1 from {table_sql} c where c.{column} = p.chunk_id) order by length(p.point_id), p.point_id",
                 timeout=self._bulk_timeout,
             )
             while rows := await orphan_cursor.fetch(page, timeout=self._bulk_timeout):
@@ -805,7 +798,7 @@ class IntegrityChecker:
                     orphans.add(row[0])
                 await orphans.flush()
             missing_cursor = await conn.cursor(
-                f"select c.{column}::text from {relation} c where c.{column} is not null and not exists "  # noqa: S608
+                f"select c.{column}::text from {table_sql} c where c.{column} is not null and not exists "  # noqa: S608
                 f"(select 1 from opsbot_points p where p.chunk_id = c.{column}) order by c.{column}",
                 timeout=self._bulk_timeout,
             )
@@ -813,7 +806,7 @@ class IntegrityChecker:
                 for row in rows:
                     missing.add(row[0])
             chunks = await conn.fetchval(
-                f"select count({column}) from {relation}",  # noqa: S608 (quoted identifiers)
+                f"select count({column}) from {table_sql}",  # noqa: S608 (quoted identifiers)
                 timeout=self._bulk_timeout,
             )
         mapped = f"payload:{mapping.payload}"
@@ -895,7 +888,7 @@ def _converter(base: int) -> Callable[[Any], Any]:
 
 async def chunk_id_type(conn: Any, chunk: ChunkVectors, seconds: float) -> tuple[str, int]:
     """The chunk id column's SQL type and base type oid; CommandError when it is absent or not comparable."""
-    row = await conn.fetchrow(_COLUMN_SQL, _relation(chunk.table), chunk.id_column, timeout=seconds)
+    row = await conn.fetchrow(_COLUMN_SQL, relation(chunk.table), chunk.id_column, timeout=seconds)
     if row is None:
         raise CommandError(f"The chunk table `{chunk.table}` has no column `{chunk.id_column}` any more.")
     base = int(row["base_type"])
@@ -923,7 +916,7 @@ async def chunks_back(
     upper-case, with or without hyphens). With a payload mapping the payload field is looked up, as the
     check converts it.
     """
-    column, relation = _quote(chunk.id_column), _relation(chunk.table)
+    column, table_sql = quote_ident(chunk.id_column), relation(chunk.table)
     wanted: dict[str, list[str]] = {}  # the column's text of a match -> the point ids it stands for
     if isinstance(chunk.vector_id, PayloadId):
         path, convert = chunk.vector_id.payload.split("."), _converter(base)
@@ -956,7 +949,7 @@ async def chunks_back(
     else:
         values, array = list(wanted), "text[]"
     rows = await conn.fetch(
-        f"select {column}::text as id from {relation} where {column} = any($1::{array})",  # noqa: S608 (quoted identifiers)
+        f"select {column}::text as id from {table_sql} where {column} = any($1::{array})",  # noqa: S608 (quoted identifiers)
         values,
         timeout=seconds,
     )

@@ -43,6 +43,7 @@ from services.jobs import JobsClient
 from services.plan_lists import PlanList, PlanLists, PlanListWriter
 from services.probes.qdrant import default_qdrant_client
 from services.redaction import Redactor
+from services.sql import relation
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class IntegrityFixer:
         database = await conn.fetchval("select current_database()", timeout=seconds)
         found: dict[str, str] = {}
         for table in dict.fromkeys(tables):
-            quoted = ".".join('"' + p.replace('"', '""') + '"' for p in table.split("."))
+            quoted = relation(table)
             oid = await conn.fetchval("select to_regclass($1)::oid", quoted, timeout=seconds)
             found[f"{label} {table}"] = f"oid {oid} in {database}" if oid is not None else "absent"
         return found

@@ -15,6 +15,7 @@ from services.errors import CommandError
 from services.failures import network_problem, short_error
 from services.inventory import JobsTable, PostgresComponent, secrets_in
 from services.redaction import Redactor
+from services.sql import quote_ident
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,6 @@ class JobsSummary:
     stuck_total: int
     threshold_minutes: int
     checked_at: datetime
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
@@ -299,7 +296,7 @@ class JobsClient:
         parts = spec.table.split(".")
         if len(parts) > 2 or not all(parts):
             raise CommandError(f"The jobs table name `{spec.table}` is not valid; use table or schema.table.")
-        relation = ".".join(_quote(p) for p in parts)
+        relation = ".".join(quote_ident(p) for p in parts)
         wanted = [spec.id_column, spec.status_column, spec.started_column]
         if spec.error_column is not None:
             wanted.append(spec.error_column)
@@ -323,18 +320,18 @@ class JobsClient:
                 f"The column `{spec.started_column}` of the jobs table `{spec.table}` is of type "
                 f"{started['sql_type']}, not a timestamp; check the jobs settings of this component in the inventory."
             )
-        started_sql = _quote(spec.started_column)
+        started_sql = quote_ident(spec.started_column)
         # A timestamp without time zone is taken to hold UTC, whatever the session's TimeZone is.
         naive = started["base_type"] == _TIMESTAMP
         return _Table(
             relation=relation,
-            id=_quote(spec.id_column),
+            id=quote_ident(spec.id_column),
             id_type=str(columns[spec.id_column]["sql_type"]),
-            status=_quote(spec.status_column),
+            status=quote_ident(spec.status_column),
             started=started_sql,
             started_utc=f"({started_sql} at time zone 'UTC')" if naive else started_sql,
             now="(now() at time zone 'UTC')" if naive else "now()",
-            error=_quote(spec.error_column) if spec.error_column is not None else None,
+            error=quote_ident(spec.error_column) if spec.error_column is not None else None,
             error_type=str(columns[spec.error_column]["sql_type"]) if spec.error_column is not None else None,
         )
 

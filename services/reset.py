@@ -61,6 +61,7 @@ from services.probes._common import scrubber
 from services.probes.postgres import login_problem
 from services.probes.redis import redis_problem
 from services.redaction import Redactor
+from services.sql import relation
 from services.state import BackupRecord, BackupState
 from services.text import ago, human_bytes
 
@@ -84,15 +85,6 @@ Progress = Callable[[str], Awaitable[None]]
 
 
 # -- the targets ---------------------------------------------------------------------------------
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-def relation(table: str) -> str:
-    """``schema.table`` (or ``table``) as quoted SQL; the inventory allows only plain identifiers."""
-    return ".".join(_quote(part) for part in table.split("."))
 
 
 @dataclass(frozen=True)
