@@ -181,23 +181,14 @@ async def _plan_files(target: FileTarget, now: datetime, lists: PlanLists) -> _R
         )
     except RootRefused as exc:
         return _RulePlan(f"{rule.name}: skipped — {exc.message}")
-    skipped = ""
-    if found.skipped_total:
-        shown = "; ".join(found.skipped[:SAMPLE]) + (" …" if found.skipped_total > SAMPLE else "")
-        skipped = f" ({found.skipped_total:,} left alone: {shown})"
+    skipped = found.left_alone(SAMPLE)
     if not found.files:
         return _RulePlan(f"{rule.name}: nothing — no file {rule.match} older than {rule.older_than_days} days "
                          f"in {target.directory}{skipped}")  # fmt: skip
-    size = sum(f.size for f in found.files)
-    more = (
-        f" (the oldest {len(found.files):,} of {found.total:,}; ask again for the rest)"
-        if found.total > len(found.files)
-        else ""
-    )
-    sample = ", ".join(f.path for f in found.files[:SAMPLE]) + (", …" if len(found.files) > SAMPLE else "")
+    size = found.size
     line = (
         f"{rule.name}: delete {len(found.files):,} file(s), {human_bytes(size)}, {rule.match} older than "
-        f"{rule.older_than_days} days in {target.directory}{more}: {sample}{skipped}"
+        f"{rule.older_than_days} days in {target.directory}{found.more()}: {found.sample(SAMPLE)}{skipped}"
     )
     saved = await lists.save([_stored_file(f) for f in found.files])
     params = {

@@ -167,22 +167,16 @@ async def plan_reset(ctx: OpsContext, service_name: str, mode: Mode, take_first:
         if found.refused is not None:
             lines.append(f"{target.label}: skipped, nothing there will be deleted — {found.refused}")
             continue
-        skipped = ""
-        if found.skipped_total:
-            shown = "; ".join(found.skipped[:SAMPLE]) + (" …" if found.skipped_total > SAMPLE else "")
-            skipped = f" ({found.skipped_total:,} left alone: {shown})"
+        skipped = found.left_alone(SAMPLE)
         if not found.files:
             lines.append(f"{target.label}: no file{skipped}")
             continue
         saved = await action.lists.save([stored_file(f) for f in found.files])
-        size = sum(f.size for f in found.files)
-        more = (
-            f" (the oldest {len(found.files):,} of {found.total:,}; ask again for the rest)"
-            if found.total > len(found.files)
-            else ""
+        size = found.size
+        lines.append(
+            f"{target.label}: {len(found.files):,} file(s), {human_bytes(size)}{found.more()}: "
+            f"{found.sample(SAMPLE)}{skipped}"
         )
-        sample = ", ".join(f.path for f in found.files[:SAMPLE]) + (", …" if len(found.files) > SAMPLE else "")
-        lines.append(f"{target.label}: {len(found.files):,} file(s), {human_bytes(size)}{more}: {sample}{skipped}")
         files_params[target.label] = {"ref": saved.ref, "root_id": found.root_id, "count": saved.count}
         facts[target.label] = files_identity(found.root_id, saved.ref, saved.count)
         file_count += saved.count

@@ -67,6 +67,28 @@ class FileScan:
     skipped: tuple[str, ...]  # "path: why", at most SHOWN_SKIPS
     skipped_total: int
 
+    @property
+    def size(self) -> int:
+        """Bytes of the planned files."""
+        return sum(f.size for f in self.files)
+
+    def more(self) -> str:
+        """`` (the oldest N of M; ask again for the rest)`` when the scan's limit cut the plan short."""
+        if self.total <= len(self.files):
+            return ""
+        return f" (the oldest {len(self.files):,} of {self.total:,}; ask again for the rest)"
+
+    def sample(self, n: int) -> str:
+        """The first ``n`` planned paths, ``…`` when there are more."""
+        return ", ".join(f.path for f in self.files[:n]) + (", …" if len(self.files) > n else "")
+
+    def left_alone(self, n: int) -> str:
+        """`` (K left alone: path: why; …)`` for the files the scan refused, or nothing."""
+        if not self.skipped_total:
+            return ""
+        shown = "; ".join(self.skipped[:n]) + (" …" if self.skipped_total > n else "")
+        return f" ({self.skipped_total:,} left alone: {shown})"
+
 
 @dataclass
 class FileDeletion:

@@ -47,7 +47,7 @@ from redis.exceptions import RedisError
 
 from services.errors import CommandError
 from services.failures import network_problem, short_error
-from services.files import FileDeletion, PlannedFile, RootRefused, delete_planned, root_identity, scan
+from services.files import FileDeletion, FileScan, PlannedFile, RootRefused, delete_planned, root_identity, scan
 from services.inventory import (
     Inventory,
     PostgresComponent,
@@ -579,16 +579,9 @@ async def empty_keys(target: KeyTarget, redactor: Redactor, progress: Progress) 
 
 
 @dataclass(frozen=True)
-class FilesPlan:
+class FilesPlan(FileScan):
     """The files of one temp directory a plan lists (or why the directory is skipped)."""
 
-    root: str
-    root_id: str
-    files: tuple[PlannedFile, ...]
-    total: int
-    total_bytes: int
-    skipped: tuple[str, ...]
-    skipped_total: int
     refused: str | None = None
 
 
