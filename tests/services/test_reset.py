@@ -1,5 +1,5 @@
 """services/reset.py and the inventory's `reset:` section, on real PostgreSQL, Redis, SQLite backups, files
-and the Qdrant REST fake (a server without snapshots: only that path of the snapshot is tested here)."""
+and the Qdrant REST fake (as a server without snapshots, and with them where a test turns them on)."""
 
 from __future__ import annotations
 
@@ -429,6 +429,29 @@ async def test_the_fake_qdrant_makes_no_snapshot_and_says_so(world: World) -> No
     assert name is None
     assert why.startswith("Qdrant could not make one (Qdrant answered 500")
     assert world.qdrant.requests_to("/collections/youtube_content/snapshots", "POST")
+
+
+async def test_a_server_with_snapshots_snapshots_the_collection_before_a_hard_reset_and_names_it(
+    world: World,
+) -> None:
+    world.qdrant.support_snapshots()
+    env = {"YT_DB": world.dsn, "YT_QDRANT": world.qdrant.url, "YT_REDIS": world.redis_url}
+    text = yaml_for(world.root).replace("keep: [channels]", "keep: [channels]\n      require_snapshot: true")
+    scope = reset_scope(parse_inventory(text, "t", env=env).inventory, "yt", "hard")
+    facts, files = await plan_facts(world, scope)
+    ledger = await run_reset(
+        scope, identities=facts, files=files, lists=world.lists, runner=None, take_backups=False,
+        requested_by="t", redactor=REDACTOR, progress=noop,
+    )  # fmt: skip
+    [made] = world.qdrant.snapshots("youtube_content")
+    [note] = [n for n in ledger.notes if n.startswith("collection vectors/youtube_content")]
+    assert made in note and "snapshot" in note
+    assert await world.points() == 0  # emptied after the snapshot was taken
+    snapshot_at = world.qdrant.requests.index(
+        world.qdrant.requests_to("/collections/youtube_content/snapshots", "POST")[0]
+    )
+    first_delete = world.qdrant.requests_to("/collections/youtube_content/points/delete", "POST")[0]
+    assert snapshot_at < world.qdrant.requests.index(first_delete)
 
 
 async def test_a_failing_table_delete_rolls_back_its_whole_database(world: World) -> None:
