@@ -23,23 +23,28 @@ from bot.state import open_store
 from handlers.backup import RestoreBackup
 from handlers.cleanup import RunCleanup, RunReindex
 from handlers.commands import load_registry, policy_problems
+from handlers.config import register_config_actions
 from handlers.context import Deps
 from handlers.deploy import register_actions
 from handlers.health import service_health
 from handlers.integrity import register_integrity_actions
 from handlers.jobs import ResetStuckJobs
+from handlers.migrate import register_migrate_actions
 from handlers.queue import register_queue_actions
 from handlers.registry import Registry
 from handlers.reset import register_reset_actions
 from handlers.router import Router
 from handlers.slack import RETRY_PAUSE, SlackNotifier, group_members, nothing_done, posts
+from handlers.users import register_users_actions
 from services.access import RoleResolver
 from services.approvals import ApprovalEngine
 from services.backup.runner import BackupRunner
+from services.clients import close_each
 from services.deploy.providers import DeployProviders
 from services.errors import InventoryError
 from services.inventory import LoadedInventory, load_inventory
 from services.locks import ServiceLocks, open_locks
+from services.logs.registry import LogDeps, build_log_backends
 from services.plan_lists import PlanLists
 from services.probes import build_health_probes
 from services.redaction import Redactor
@@ -183,6 +188,10 @@ async def build_container(
         engine.register("reindex", RunReindex(loaded.inventory, redactor))
         register_queue_actions(engine, loaded.inventory, redactor, PlanLists(Path(settings.state_dir) / "plan-lists"))
         register_integrity_actions(engine, loaded.inventory, redactor, cleanup_lists)
+        migrations = register_migrate_actions(engine, loaded.inventory, deploys)
+        stack.push_async_callback(migrations.close)
+        user_runs = register_users_actions(engine, loaded.inventory, redactor, deploys, slack)
+        stack.push_async_callback(user_runs.close)
         register_reset_actions(engine, loaded.inventory, redactor, cleanup_lists, backups)
         deps = Deps(
             loaded=loaded,
@@ -197,12 +206,17 @@ async def build_container(
             observe_command=metrics.observe_command,
         )
         deps.figures = build_figure_sources(
-            FigureDeps(session=http, history=deps.scrape_history),
+            FigureDeps(session=http, history=deps.scrape_history, monitoring_endpoint=settings.monitoring_endpoint),
             types={spec.type for _, _, spec in loaded.inventory.components()},
         )
         stack.push_async_callback(close_sources, deps.figures)
+        deps.logs = build_log_backends(
+            LogDeps(session=http), types={spec.type for _, _, spec in loaded.inventory.components()}
+        )
+        stack.push_async_callback(close_each, deps.logs.values(), what="log_backend")
         engine.register("restore", RestoreBackup(backups, lambda service: service_health(deps, service)))
         register_actions(engine, loaded.inventory, deploys, lambda service: service_health(deps, service), redactor)
+        register_config_actions(engine, loaded.inventory, deploys, lambda service: service_health(deps, service))
         registry = load_registry()
         _check_approval_commands(registry, engine, loaded)
         if slack is not None:

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     host: str = Field(default="0.0.0.0", validation_alias="OPSBOT_HOST")  # noqa: S104 - a server in a container
     log_format: LogFormat = Field(default="console", validation_alias="OPSBOT_LOG_FORMAT")
     log_level: LogLevel = Field(default="INFO", validation_alias="OPSBOT_LOG_LEVEL")
+    # host:port of a plaintext gRPC Cloud Monitoring API (an emulator, the tests' fake); unset: Google's
+    # own endpoint with Application Default Credentials. No credentials are ever sent to it.
+    monitoring_endpoint: str | None = Field(default=None, validation_alias="OPSBOT_MONITORING_ENDPOINT")
 
     @field_validator(
         "slack_bot_token", "slack_signing_secret", "slack_app_token", "state_url", "redis_url", mode="before"
@@ -63,6 +66,17 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"must be an http(s) URL such as {SLACK_API_DEFAULT}, got {value!r}")
         return value if value.endswith("/") else value + "/"
+
+    @field_validator("monitoring_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or "/" in value:
+            raise ValueError(f"must be host:port of a plaintext gRPC endpoint, like 127.0.0.1:8085, got {value!r}")
+        return value
 
     @field_validator("log_format", mode="before")
     @classmethod

@@ -1,33 +1,42 @@
 """Imports every command module so that their ``@subcommand`` declarations are registered."""
 
 from handlers import (
+    admin_api,
     alerts,
     approvals,
     audit,
     backup,
     cleanup,
+    config,
+    cost,
     deploy,
     digest,
     health,
     help,
     integrity,
     jobs,
+    logs,
+    migrate,
     queue,
     reset,
     schedules,
     stats,
     status,
+    users,
 )
 from handlers.registry import Registry, registry, tokenize
 from services.errors import CommandError
 from services.inventory import Inventory
 
 __all__ = [
+    "admin_api",
     "alerts",
     "approvals",
     "audit",
     "backup",
     "cleanup",
+    "config",
+    "cost",
     "deploy",
     "digest",
     "health",
@@ -35,6 +44,8 @@ __all__ = [
     "integrity",
     "jobs",
     "load_registry",
+    "logs",
+    "migrate",
     "policy_problems",
     "queue",
     "reserved_words",
@@ -42,6 +53,7 @@ __all__ = [
     "schedules",
     "stats",
     "status",
+    "users",
 ]
 
 

@@ -18,6 +18,7 @@ from services.figures.base import FigureSource
 from services.figures.http import ScrapeHistory
 from services.health import HealthProbe, InFlightProbes, ProbeObserver, Status, Target
 from services.inventory import Inventory, LoadedInventory, Role
+from services.logs.base import LogBackend
 from services.redaction import Redactor
 from services.state import Approval, StateStore
 
@@ -143,6 +144,8 @@ class Deps:
     figures: Mapping[str, FigureSource] = field(default_factory=dict)
     """`/ops status`'s figure sources by component type, built once (empty: built per request)."""
     scrape_history: ScrapeHistory = field(default_factory=ScrapeHistory)
+    logs: Mapping[str, LogBackend] = field(default_factory=dict)
+    """`/ops logs`'s backends by component type, built once (empty: built per request)."""
     """The watcher's kept /metrics scrapes, which `/ops status` reads request rates from."""
 
     @property

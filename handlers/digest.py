@@ -24,6 +24,7 @@ from handlers.context import Block, Deps, OpsContext, Reply, Upload
 from handlers.registry import CommandArgs, clip_token, subcommand
 from services.access import Risk
 from services.alerts.rules import AlertState, Phase
+from services.cost import CostStanding, anomaly_text, summary
 from services.digest import (
     FAILED_STATES,
     FINISHED_STATES,
@@ -31,6 +32,9 @@ from services.digest import (
     AlertFacts,
     BackupFacts,
     BackupStanding,
+    Busiest,
+    BusiestFacts,
+    CertificateFacts,
     DigestFacts,
     IntegrityStanding,
     JobsCheck,
@@ -524,6 +528,94 @@ def _integrity_part(ctx: _Context, standings: Sequence[IntegrityStanding]) -> Pa
     return Part("*Integrity*", _bounded(lines, what="more services"), change, note, problems)
 
 
+# -- AWS cost (runbook 002) -----------------------------------------------------------------------
+
+
+def _costs_part(standings: Sequence[CostStanding]) -> Part | None:
+    """One line per service with a `cost:` section: its month to date, last month's same days and the
+    projection; a day over 2x its trailing 7-day mean in the period is a warning (a problem)."""
+    if not standings:
+        return None
+    lines: list[str] = []
+    problems: list[Problem] = []
+    for item in standings:
+        service = bk.escape(item.service)
+        if item.report is None:
+            lines.append(f"{bk.STATUS_EMOJI[Status.WARNING]} *{service}* AWS cost could not be read — "
+                         f"{bk.escape(item.problem)}")  # fmt: skip
+            continue
+        emoji = bk.STATUS_EMOJI[Status.WARNING if item.anomalies else Status.HEALTHY]
+        lines.append(f"{emoji} *{service}* AWS cost: {bk.escape(summary(item.report))}")
+        for anomaly in item.anomalies:
+            said = anomaly_text(anomaly, item.report.unit)
+            lines.append(f"    :warning: {bk.escape(said)}")
+            key = f"cost:{item.service}:{anomaly.day.isoformat()}"
+            problems.append(Problem(key, _line(f":warning: *{service}* {bk.escape(said)}"), f"{item.service} {said}"))
+    note = "`/ops cost <service>` for the breakdown by AWS service (Cost Explorer, read once a day)"
+    return Part("*AWS cost*", _bounded(lines, what="more services"), "", note, problems)
+
+
+# -- certificates and the busiest figures ----------------------------------------------------------
+
+
+def _days_words(days: float) -> str:
+    shown = f"{days:.0f}" if abs(days) >= 2 else f"{days:.1f}"
+    return f"{shown} day" + ("" if shown == "1" else "s")
+
+
+def _certificate_line(item: CertificateFacts) -> str:
+    where = f"*{bk.escape(item.service)}/{bk.escape(item.component)}*"
+    date = f" ({item.not_after[:10]})" if item.not_after else ""
+    if item.days_left is None:
+        said = "no certificate could be read"
+    elif item.days_left <= 0:
+        said = f"expired {_days_words(-item.days_left)} ago{date}"
+    else:
+        said = f"expires in {_days_words(item.days_left)}{date}"
+    if item.problem and item.problem != "expired":  # an expired one is already said so
+        said += f" · not trusted: {bk.escape(item.problem)}"
+    return f"{bk.STATUS_EMOJI[item.status]} {where} — {said}"
+
+
+def _certificates_part(ctx: _Context, certificates: Sequence[CertificateFacts]) -> tuple[Part | None, list[str]]:
+    """A line per certificate expiring within 30 days or failing verification, worst first (None: none);
+    and their names, for the next digest. Their health is already a problem in the health section."""
+    names = [f"{c.service}/{c.component}" for c in certificates]
+    before = ctx.previous.names("certificates")
+    if not certificates:
+        return None, names
+    lines = _bounded([_certificate_line(c) for c in certificates], what="more certificates")
+    new = [n for n in names if n not in before]
+    change = _changes(ctx.previous, [("new", new), ("renewed or fixed", sorted(before - set(names)))])
+    return Part("*Certificates expiring within 30 days*", lines, change), names
+
+
+def _busiest_line(item: Busiest) -> str:
+    m = item.line.measurement
+    what = f"{bk.escape(item.component)} {bk.escape(m.label)} {m.value or 0.0:.1f} %"
+    text = f"{bk.STATUS_EMOJI[item.line.status]} *{bk.escape(item.service)}* busiest: {what}"
+    if m.previous is not None:
+        text += f" (the period before: {m.previous:.1f} %)"
+    return text
+
+
+def _busiest_part(busiest: BusiestFacts | None) -> Part | None:
+    """The highest CPU, memory or disk % of each service over the week (None: not read for this digest)."""
+    if busiest is None:
+        return None
+    lines = _bounded([_busiest_line(b) for b in busiest.services], what="more services")
+    if not lines:
+        lines.append("No CPU, memory or disk figure could be read for any service.")
+    note = ""
+    if busiest.unread:
+        shown = "; ".join(f"{where}: {why}" for where, why in busiest.unread[:5])
+        more = f" … and {len(busiest.unread) - 5} more" if len(busiest.unread) > 5 else ""
+        note = bk.escape(f"Figures not read: {shown}{more}")
+    days = busiest.window.total_seconds() / 86400
+    title = f"*Busiest figure per service* — highest CPU, memory or disk % over the last {days:g} days"
+    return Part(title, lines, "the figures of this period only", note)
+
+
 # -- the checklist ---------------------------------------------------------------------------------
 
 
@@ -615,7 +707,7 @@ def _part_blocks(ctx: _Context, part: Part) -> list[Block]:
 
 async def build_digest(deps: Deps, kind: str, *, now: datetime) -> Digest:
     """Probe, read and compare: the digest of the ``kind`` period ending ``now`` (nothing is saved)."""
-    return render_digest(await gather_digest(deps, digest_kind(kind), now=now))
+    return render_digest(await gather_digest(deps, digest_kind(kind), now=now, figures=deps.figures))
 
 
 def render_digest(facts: DigestFacts) -> Digest:
@@ -628,6 +720,9 @@ def render_digest(facts: DigestFacts) -> Digest:
     alerts_part, firing = _alerts_part(ctx, facts.alerts)
     queues_part, paused = _queues_part(ctx, facts.queues, facts.cleanups)
     integrity_part = _integrity_part(ctx, facts.integrity)
+    costs_part = _costs_part(facts.costs)
+    certificates_part, certificates = _certificates_part(ctx, facts.certificates)
+    busiest_part = _busiest_part(facts.busiest)
     checks = [_health_check(statuses)]
     jobs_check, audit_check = _jobs_check(facts.jobs), _audit_check(facts.audit_broken_at)
     checks += [c for c in (backups_check, jobs_check, approvals_check, audit_check) if c is not None]
@@ -639,6 +734,7 @@ def render_digest(facts: DigestFacts) -> Digest:
         *runs_part.problems,
         *alerts_part.problems,
         *(integrity_part.problems if integrity_part is not None else []),
+        *(costs_part.problems if costs_part is not None else []),
         *checklist_part.problems,
     ]
     problems = sorted(found, key=lambda p: -p.severity)  # stable: within a severity, in section order
@@ -654,7 +750,10 @@ def render_digest(facts: DigestFacts) -> Digest:
     ]
     top = _part_blocks(ctx, problems_part)
     blocks = [*head, *top]
-    parts = [health_part, backups_part, runs_part, alerts_part, queues_part, integrity_part, checklist_part]
+    parts = [
+        health_part, certificates_part, busiest_part, backups_part, runs_part, alerts_part, queues_part,
+        integrity_part, costs_part, checklist_part,
+    ]  # fmt: skip
     for part in (p for p in parts if p is not None):
         blocks += [bk.divider(), *_part_blocks(ctx, part)]
     summary = [*head, *top]
@@ -669,6 +768,7 @@ def render_digest(facts: DigestFacts) -> Digest:
         **runs_snapshot,
         "alerts_firing": firing,
         "queues_paused": paused,
+        "certificates": certificates,
         "checklist": {c.key: c.ok for c in checks},
         "problems": [[p.key, p.text] for p in problems],  # a list: the order survives the JSON
     }

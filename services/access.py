@@ -9,7 +9,7 @@ from enum import StrEnum
 
 import structlog
 
-from services.errors import CommandError
+from services.errors import CommandError, PermissionDenied
 from services.inventory import Role, Roles
 
 log = structlog.get_logger(__name__)
@@ -93,6 +93,11 @@ class RoleResolver:
         self._cache: dict[str, tuple[float, frozenset[str]]] = {}
         self._granted: dict[str, Role] = {}
 
+    @property
+    def read_listed(self) -> frozenset[str]:
+        """Services with their own readers in ``roles.read``."""
+        return frozenset(self._roles.read)
+
     def grant(self, user_id: str, role: Role) -> None:
         """Give a user a role outside the inventory (the local CLI user)."""
         self._granted[user_id] = role
@@ -144,3 +149,38 @@ class RoleResolver:
             if unreadable:  # this role may be theirs, and no lower role can settle it
                 raise GroupLookupFailed(unreadable)
         return implied(top)
+
+    async def may_read(self, user_id: str, service: str, roles: frozenset[Role], *, fresh: bool = False) -> bool:
+        """Whether the user may read ``service``'s sensitive data (logs; users and usage), given the roles
+        they hold (DESIGN: per-service read permission). Admins always may. A service listed in
+        ``roles.read``: only its listed users, user groups or "*". A service not listed: operators and up,
+        never viewers. A listed user group that cannot be read grants nothing: the caller is refused with
+        :class:`GroupLookupFailed`, as for roles."""
+        if Role.ADMIN in roles:
+            return True
+        readers = self._roles.read.get(service)
+        if readers is None:
+            return Role.OPERATOR in roles
+        if any(member in ("*", user_id) for member in readers):
+            return True
+        if self._group_members is None or not _SLACK_USER.match(user_id):
+            return False
+        unreadable: list[str] = []
+        for group in (m for m in readers if m.startswith("S")):
+            members = await self._members(group, fresh)
+            if members is None:
+                unreadable.append(group)
+            elif user_id in members:
+                return True
+        if unreadable:
+            raise GroupLookupFailed(unreadable)
+        return False
+
+
+async def check_read(resolver: RoleResolver, user_id: str, service: str, roles: frozenset[Role], what: str) -> None:
+    """Refuse, in one sentence, a sensitive read (``what``: "logs", "users", "usage") of a service the
+    caller may not read; the one check every such command makes."""
+    if not await resolver.may_read(user_id, service, roles):
+        listed = service in resolver.read_listed
+        why = "is not given to you in the inventory's roles.read" if listed else "needs the operator role"
+        raise PermissionDenied(f"Reading the {what} of `{service}` {why}; you are {describe(roles)}.")

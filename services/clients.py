@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+import structlog
+
+log = structlog.get_logger(__name__)
 
 BODY_LIMIT = 4 * 1024 * 1024  # bytes of an API answer read at most; a bigger one is refused
 _T = TypeVar("_T")
@@ -102,3 +105,18 @@ async def read_json(response: aiohttp.ClientResponse, too_big: Callable[[int], E
         return json.loads(b"".join(chunks))
     except ValueError:
         return None
+
+
+async def close_each(things: Iterable[object], *, what: str) -> None:
+    """Close each object that has an async ``close()`` (clients, channels, threads), once each even when
+    it serves several keys, logging (not raising) a close that fails."""
+    seen: set[int] = set()
+    for thing in things:
+        close = getattr(thing, "close", None)
+        if id(thing) in seen or close is None:
+            continue
+        seen.add(id(thing))
+        try:
+            await close()
+        except Exception:
+            log.warning(f"{what}_close_failed", kind=type(thing).__name__, exc_info=True)

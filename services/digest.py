@@ -18,7 +18,9 @@ from services.alerts.rules import AlertState
 from services.alerts.watch import state_from_json, watched
 from services.backup.runner import BackupRunner
 from services.charts import weekly_chart
+from services.cost import CostStanding, cost_standings
 from services.errors import CommandError
+from services.figures.base import FigureSource
 from services.health import HealthProbe, HealthReport, ProbeObserver, Status, Target, check_health, targets_for
 from services.integrity import IntegrityChecker, Line, integrity_target
 from services.inventory import CloudSqlComponent, Inventory, PostgresComponent
@@ -26,6 +28,7 @@ from services.jobs import JobsTarget
 from services.queues import QueueActivity, QueueTarget, queue_targets
 from services.redaction import Redactor
 from services.state import Approval, ApprovalState, BackupRecord, BackupState, StateStore
+from services.status import MAX_WINDOW, FigureLine, collect_status
 
 PERIODS: dict[str, timedelta] = {
     "daily": timedelta(hours=24),
@@ -37,6 +40,8 @@ FAILED_BACKUPS_READ = 200
 JOBS_LIMIT = 5  # stuck jobs fetched per jobs table: the count is what the checklist needs
 INTEGRITY_DEADLINE = 60.0  # seconds one service's integrity check may take in a digest
 CLEANUP_ACTIONS = ("cleanup", "queue clean")  # what a scheduled cleanup runs, by the approval's action
+CERTIFICATE_DAYS = 30  # the digest lists certificates with this many days left or fewer (runbook 001)
+BUSIEST_KINDS = ("weekly",)  # digests that read each service's busiest figure over their period
 
 S = ApprovalState
 OPEN_STATES = (S.PENDING, S.APPROVED, S.RUNNING)
@@ -201,13 +206,19 @@ class DigestFacts:
     queues: list[QueueFacts] = field(default_factory=list)  # services with queues, in inventory order
     cleanups: list[ScheduledCleanup] = field(default_factory=list)
     integrity: list[IntegrityStanding] = field(default_factory=list)  # services with an `integrity:` section
+    certificates: list[CertificateFacts] = field(default_factory=list)  # expiring within 30 days, worst first
+    busiest: BusiestFacts | None = None  # None: not read for this kind of digest, or no figure sources
+    costs: list[CostStanding] = field(default_factory=list)  # services with a `cost:` section (runbook 002)
 
     def in_period(self, moment: datetime | None) -> bool:
         return _in(self.start, self.now, moment)
 
 
-async def gather_digest(sources: DigestSources, kind: str, *, now: datetime) -> DigestFacts:
-    """Probe and read everything the ``kind`` digest ending ``now`` shows (nothing is saved)."""
+async def gather_digest(
+    sources: DigestSources, kind: str, *, now: datetime, figures: Mapping[str, FigureSource] | None = None
+) -> DigestFacts:
+    """Probe and read everything the ``kind`` digest ending ``now`` shows (nothing is saved); with the bot's
+    ``figures`` sources, a weekly digest also reads each service's busiest figure over the week."""
     if kind not in PERIODS:
         raise ValueError(f"unknown digest kind {kind!r}")
     now = now.astimezone(UTC)
@@ -231,13 +242,120 @@ async def gather_digest(sources: DigestSources, kind: str, *, now: datetime) -> 
             audit = group.create_task(sources.store.verify_audit())
             queues = group.create_task(_queues(sources, since, now))
             integrity = group.create_task(_integrity(sources))
+            busiest = None
+            if figures and kind in BUSIEST_KINDS:
+                busiest = group.create_task(_busiest(sources, figures, now, PERIODS[kind]))
+            # Cost Explorer answers are kept for the day in the bot's cost cache (one per state store).
+            costs = group.create_task(cost_standings(inventory, sources.store, now=now, since=start.date()))
     except ExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return DigestFacts(
         kind, now, start, inventory.timezone, previous, probing.result(), backups.result(), runs.result(),
         alerts.result(), jobs.result(), audit.result(), queues.result(),
         scheduled_cleanups(inventory, runs.result().finished), integrity.result(),
+        expiring_certificates(probing.result()), busiest.result() if busiest is not None else None,
+        costs=costs.result(),
     )  # fmt: skip
+
+
+# -- certificates ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertificateFacts:
+    """A tls component whose certificate has ``CERTIFICATE_DAYS`` or fewer left, or fails verification,
+    from the digest's own probe (``days_left`` None: no certificate could be read)."""
+
+    service: str
+    component: str
+    status: Status
+    days_left: float | None
+    not_after: str  # ISO time, "" when unknown
+    problem: str  # why it is not trusted, "" when it is
+    detail: str
+
+
+def expiring_certificates(report: HealthReport, within_days: float = CERTIFICATE_DAYS) -> list[CertificateFacts]:
+    """The tls components of the report expiring within ``within_days`` or failing verification, worst first
+    (by the probe's status, then the fewest days left)."""
+    found: list[CertificateFacts] = []
+    for item in report.items:
+        if item.target.type != "tls":
+            continue
+        facts = item.result.facts
+        days = facts.get("days_left")
+        days_left = float(days) if isinstance(days, int | float) else None
+        problem = facts.get("verify_error")
+        untrusted = isinstance(problem, str) and bool(problem)
+        if not untrusted and (days_left is None or days_left > within_days):
+            continue  # unreachable is the health section's to say; a far expiry is not news
+        after = facts.get("not_after")
+        found.append(
+            CertificateFacts(
+                item.target.service, item.target.component, item.result.status, days_left,
+                after if isinstance(after, str) else "", problem if isinstance(problem, str) else "",
+                item.result.detail,
+            )
+        )  # fmt: skip
+    infinite = float("inf")
+    found.sort(key=lambda c: (-c.status, c.days_left if c.days_left is not None else infinite, c.service, c.component))
+    return found
+
+
+# -- the busiest figure of each service (weekly) ---------------------------------------------------
+
+BUSY_PREFIXES = ("cpu_", "memory_", "disk_used_pct")  # utilisation figures in %, comparable across sources
+
+
+@dataclass(frozen=True)
+class Busiest:
+    """A service's highest utilisation figure over the period (and over the period before, when known)."""
+
+    service: str
+    component: str
+    line: FigureLine
+
+
+@dataclass(frozen=True)
+class BusiestFacts:
+    """The busiest figure per service, the window it covers, and the components whose figures could not
+    be read (``(service/component, why)``)."""
+
+    window: timedelta
+    services: list[Busiest]
+    unread: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _busy(line: FigureLine) -> bool:
+    m = line.measurement
+    return m.unit == "%" and m.value is not None and m.name.startswith(BUSY_PREFIXES)
+
+
+async def _busiest(
+    sources: DigestSources, figures: Mapping[str, FigureSource], now: datetime, period: timedelta
+) -> BusiestFacts:
+    """Each service's highest CPU, memory or disk % over the period (at most the 7 days `/ops status` reads),
+    from the same figure sources as `/ops status`: concurrently, each component within its own timeout
+    and all within the inventory's health deadline. The certificate figure is no load: tls is left out."""
+    window = min(period, MAX_WINDOW)
+    inventory = sources.inventory
+    targets = [t for t in targets_for(inventory, "all") if t.type != "tls" and t.type in figures]
+    report = await collect_status(
+        targets, figures, window, deadline=inventory.health.deadline, redactor=sources.redactor, now=now
+    )
+    best: dict[str, Busiest] = {}
+    unread: list[tuple[str, str]] = []
+    for item in report.items:
+        where = f"{item.target.service}/{item.target.component}"
+        if item.status is None:
+            unread.append((where, item.problem))
+            continue
+        for line in filter(_busy, item.figures):
+            held = best.get(item.target.service)
+            if held is None or (line.measurement.value or 0.0) > (held.line.measurement.value or 0.0):
+                best[item.target.service] = Busiest(item.target.service, item.target.component, line)
+    busiest_first = sorted(best.values(), key=lambda b: (-(b.line.measurement.value or 0.0), b.service))
+    return BusiestFacts(window, busiest_first, unread)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from enum import StrEnum
@@ -14,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     BeforeValidator,
@@ -80,6 +82,52 @@ class ComponentBase(_Model):
         return value
 
 
+_API_PATH = r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,199}$"
+JsonField = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+_KEY = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
+JsonPath = Annotated[str, StringConstraints(pattern=rf"^{_KEY}(\.{_KEY}){{0,4}}$")]
+
+
+class AdminLogin(_Model):
+    """How the bot logs in to an app's admin API for a JWT (runbook 000's `/api/auth/login`)."""
+
+    path: str = Field(pattern=_API_PATH, description="Login path, e.g. /api/auth/login (POSTed as JSON).")
+    method: Literal["POST"] = "POST"
+    user_field: JsonField = Field("username", description="Body field of the user name.")
+    password_field: JsonField = Field("password", description="Body field of the password.")
+    token_field: JsonPath | None = Field(
+        None, description="Where the JWT is in the answer (dotted); default `access_token`, else `token`."
+    )
+
+
+class AdminCredentials(_Model):
+    """The admin user and password, from the environment (`${VAR}`). The password is a secret: never
+    shown, logged or audited. The user name is not masked (a name like `admin` would hide that word in
+    every message); it is still never shown by `/ops api`."""
+
+    user: str = Field(max_length=200)
+    password: SecretStr
+
+
+class AdminEndpoint(_Model):
+    """One admin read: `GET path`, shown as a table of the declared columns."""
+
+    path: str = Field(pattern=_API_PATH, description="e.g. /api/admin/prompts")
+    columns: list[JsonPath] = Field(min_length=1, max_length=8, description="Fields of each item shown, in order.")
+    list_field: JsonPath | None = Field(
+        None, description="Where the list is in the answer (dotted); default the answer itself or its one list."
+    )
+    total_field: JsonPath | None = Field(None, description="Where the answer says its total count (default `total`).")
+
+
+class AdminApi(_Model):
+    """An app's admin HTTP API read by `/ops api <service> <endpoint>` with a JWT the bot obtains itself."""
+
+    login: AdminLogin
+    credentials: AdminCredentials
+    endpoints: dict[Name, AdminEndpoint] = Field(min_length=1, max_length=20)
+
+
 class HttpComponent(ComponentBase):
     """An HTTP app with liveness, readiness and detail endpoints (runbooks 000, 002, 004)."""
 
@@ -93,6 +141,7 @@ class HttpComponent(ComponentBase):
     slow_ms: int = Field(2000, gt=0, description="Answers slower than this are a warning.")
     sleeps: bool = Field(False, description="The host sleeps when idle (Render free tier): a slow success is 'waking'.")
     headers: dict[str, SecretStr] = Field(default_factory=dict, description="Extra request headers.")
+    admin_api: AdminApi | None = Field(None, description="The app's admin API, read by `/ops api` (runbook 000).")
 
     @field_validator("liveness", "readiness", "detail", "metrics")
     @classmethod
@@ -106,6 +155,7 @@ class PostgresComponent(ComponentBase):
     type: Literal["postgres"]
     dsn: SecretStr = Field(description="postgresql://user:password@host:port/db, usually ${VAR}.")
     jobs: JobsTable | None = None
+    users: UsersTable | None = Field(None, description="The app's users table `/ops users` reads (runbook 000).")
 
 
 class JobsTable(_Model):
@@ -136,6 +186,68 @@ class JobsTable(_Model):
     def _distinct_statuses(self) -> JobsTable:
         if self.processing_value == self.pending_value:
             raise ValueError("processing_value and pending_value must differ")
+        return self
+
+
+_USER_COLUMN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+SECRET_COLUMN = re.compile(r"pass(word|wd)?|hash|secret|salt|otp|api_?key|private", re.IGNORECASE)
+"""Column names that may hold credentials: never shown by `/ops users`."""
+_ADMIN_ARG_FIELDS = frozenset({"student_id", "name"})
+
+
+class UsersTable(_Model):
+    """The app's users table (runbook 000): what `/ops users` lists and (de)activates, and the app's own
+    Cloud Run job that `/ops users create-admin` executes."""
+
+    table: str = Field("users", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
+    id_column: str = Field("id", pattern=_USER_COLUMN)
+    student_id_column: str = Field("student_id", pattern=_USER_COLUMN)
+    name_column: str = Field("name", pattern=_USER_COLUMN)
+    role_column: str = Field("role", pattern=_USER_COLUMN)
+    active_column: str = Field("is_active", pattern=_USER_COLUMN, description="A boolean column.")
+    daily_tokens_column: str | None = Field("daily_token_usage", pattern=_USER_COLUMN)
+    total_tokens_column: str | None = Field("total_token_usage", pattern=_USER_COLUMN)
+    shown: list[Annotated[str, StringConstraints(pattern=_USER_COLUMN)]] | None = Field(
+        None,
+        max_length=12,
+        description="Columns `/ops users` shows (default: id, student id, name, role, active, tokens); never "
+        "one named like a password, hash or secret.",
+    )
+    create_admin_job: Annotated[
+        CloudRunJobRef | None, BeforeValidator(_job_ref, json_schema_input_type=str | CloudRunJobRef | None)
+    ] = Field(None, description="The app's Cloud Run job that creates an admin (on the service's cloudrun component).")
+    create_admin_args: list[str] = Field(
+        default_factory=lambda: ["create-admin", "{student_id}", "{name}"],
+        min_length=1,
+        max_length=20,
+        description="The job's container args for one execution; placeholders {student_id} and {name} only.",
+    )
+    password_env: str = Field(
+        "ADMIN_PASSWORD",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="The env var the one-time password is passed in (only in the execution's overrides).",
+    )
+
+    def columns_shown(self) -> list[str]:
+        """The declared columns, or the default set."""
+        if self.shown is not None:
+            return list(self.shown)
+        base = [self.id_column, self.student_id_column, self.name_column, self.role_column, self.active_column]
+        return base + [c for c in (self.daily_tokens_column, self.total_tokens_column) if c is not None]
+
+    @model_validator(mode="after")
+    def _safe(self) -> UsersTable:
+        named = [self.id_column, self.student_id_column, self.name_column, self.role_column, self.active_column]
+        leaked = [c for c in [*named, *self.columns_shown()] if SECRET_COLUMN.search(c)]
+        if leaked:
+            raise ValueError(f"column {leaked[0]!r} looks like a password, hash or secret and may not be shown")
+        for arg in self.create_admin_args:
+            fields = {f for _, f, _, _ in string.Formatter().parse(arg) if f is not None}
+            if not fields <= _ADMIN_ARG_FIELDS:
+                raise ValueError(
+                    f"create_admin_args: {arg[:40]!r} uses {sorted(fields - _ADMIN_ARG_FIELDS)}; only {{student_id}} "
+                    "and {name} may be used (the password goes only in password_env)"
+                )
         return self
 
 
@@ -260,11 +372,80 @@ class DeployComponent(ComponentBase):
     )
 
 
+SECRET_NAME = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
+"""Setting names that look like secrets: never shown or changed by `/ops config`."""
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class EnvSetting(_Model):
+    """One environment variable `/ops config set` may change: its values by a choice list or a pattern."""
+
+    choices: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None = Field(
+        None, min_length=1, description="The values allowed, e.g. [claude, openai, gemini]."
+    )
+    pattern: str | None = Field(
+        None, max_length=500, description="A regular expression the whole value must match, e.g. ^[0-9]{1,7}$."
+    )
+    description: str = Field("", max_length=300)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> EnvSetting:
+        if (self.choices is None) == (self.pattern is None):
+            raise ValueError("give exactly one of `choices` or `pattern`")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern: not a regular expression: {exc}") from None
+        return self
+
+
+def _env_settings(value: dict[str, EnvSetting]) -> dict[str, EnvSetting]:
+    for key in value:
+        if not ENV_NAME.fullmatch(key):
+            raise ValueError(f"{key[:80]!r} is not an environment variable name")
+        if SECRET_NAME.search(key):
+            raise ValueError(
+                f"{key}: looks like a secret (…KEY, …SECRET, …TOKEN, …PASSWORD); secrets are never settings"
+            )
+    return value
+
+
+EnvSettings = Annotated[dict[str, EnvSetting], AfterValidator(_env_settings)]
+SETTINGS_HELP = (
+    "Environment variables `/ops config` shows and `/ops config set` may change: "
+    "KEY: {choices: [...]} or {pattern: ...}, with an optional description."
+)
+
+
+class CloudRunJobRef(_Model):
+    """A Cloud Run job beside a service (runbook 000's `vcbl-chatbot-migrate`); project and region default
+    to the service's."""
+
+    job: str = Field(pattern=r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$", description="The Cloud Run job's name.")
+    project: str | None = Field(None, pattern=r"^[a-z][a-z0-9:.-]{3,62}$")
+    region: str | None = Field(None, pattern=r"^[a-z]+-[a-z]+[0-9]$")
+    timeout: float = Field(
+        1800.0, gt=0, le=86400, description="Seconds an execution may take before the bot stops following it."
+    )
+    poll_seconds: float = Field(5.0, gt=0, le=60, description="Seconds between reads of a running execution.")
+
+
+def _job_ref(value: Any) -> Any:
+    return {"job": value} if isinstance(value, str) else value
+
+
 class CloudRunComponent(DeployComponent):
     type: Literal["cloudrun"]
     project: str = Field(pattern=r"^[a-z][a-z0-9:.-]{3,62}$")
     region: str = Field(pattern=r"^[a-z]+-[a-z]+[0-9]$")
     service: str = Field(pattern=r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
+    migrate_job: Annotated[
+        CloudRunJobRef | None, BeforeValidator(_job_ref, json_schema_input_type=str | CloudRunJobRef | None)
+    ] = Field(
+        None, description="The job `/ops migrate` executes: a name, or {job, project, region, timeout, poll_seconds}."
+    )
+    settings: EnvSettings = Field(default_factory=dict, description=SETTINGS_HELP)
 
 
 class LambdaComponent(DeployComponent):
@@ -273,14 +454,26 @@ class LambdaComponent(DeployComponent):
     alias: str = Field("live", pattern=r"^[A-Za-z_-][A-Za-z0-9_-]{0,127}$")
     region: str = Field("us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
     endpoint_url: AnyHttpUrl | None = Field(None, description="For a Lambda-compatible endpoint (tests: moto).")
+    log_group: str | None = Field(
+        None,
+        pattern=r"^[.\-_/#A-Za-z0-9]{1,512}$",
+        description="The CloudWatch log group `/ops logs` reads (default: /aws/lambda/<function>).",
+    )
+    settings: EnvSettings = Field(default_factory=dict, description=SETTINGS_HELP)
 
 
 class RenderComponent(DeployComponent):
     type: Literal["render"]
     service_id: str = Field(pattern=r"^srv-[a-z0-9]+$")
     api_key: SecretStr
+    owner_id: str | None = Field(
+        None,
+        pattern=r"^(tea|usr)-[a-z0-9]+$",
+        description="The workspace (tea-…) or user (usr-…) owning the service: Render's /v1/logs needs it.",
+    )
     api_url: AnyHttpUrl = Field(AnyHttpUrl("https://api.render.com/v1"), description="Render API base URL.")
     poll_seconds: float = Field(5.0, gt=0, le=60, description="Seconds between checks of a running deploy.")
+    settings: EnvSettings = Field(default_factory=dict, description=SETTINGS_HELP)
 
 
 class ComposeDisk(_Model):
@@ -472,6 +665,71 @@ class HostComponent(ComponentBase):
         return self
 
 
+LOG_GLOB = re.compile(r"[*?\[]")
+
+
+class LogfileComponent(ComponentBase):
+    """Log files on the bot's host (runbook 004's `log/app.log`): one file or a glob, with its rotated
+    files (`app.log.1`, `app.log.2.gz`, `app.log-20260101.gz`), read by `/ops logs` and `/ops traffic`."""
+
+    type: Literal["logfile"]
+    path: Path = Field(
+        description="Absolute path of the live file, or a glob in its last part (`/srv/shop/log/*.log`); "
+        "rotated files beside it are read too. Links are never followed."
+    )
+    format: Literal["json", "text", "nginx_combined"] = Field(
+        "json", description="json (one object a line), text (level and time found by pattern) or nginx_combined."
+    )
+    rotated: bool = Field(True, description="Also read the rotated files (`<name>.1`, `<name>.2.gz`, `<name>-DATE`).")
+    level_field: str = Field("level", min_length=1, max_length=64, description="json: the level's field.")
+    time_field: str = Field("timestamp", min_length=1, max_length=64, description="json: the timestamp's field.")
+    message_field: str = Field("message", min_length=1, max_length=64, description="json: the message's field.")
+    level_pattern: str = Field(
+        r"\b(?P<level>CRITICAL|FATAL|ERROR|ERR|WARNING|WARN|INFO|DEBUG)\b",
+        max_length=300,
+        description="text: a regular expression whose group `level` is the line's level.",
+    )
+    time_pattern: str = Field(
+        r"^\[?(?P<time>\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?)",
+        max_length=300,
+        description="text: a regular expression whose group `time` is the line's timestamp.",
+    )
+    time_format: str = Field(
+        "iso", min_length=1, max_length=64, description="text: `iso`, or a strptime pattern of the `time` group."
+    )
+    timezone: str = Field("UTC", description="Zone of timestamps written without an offset.")
+
+    @field_validator("path")
+    @classmethod
+    def _declared_path(cls, value: Path) -> Path:
+        if not value.is_absolute() or ".." in value.parts or value == Path(value.anchor):
+            raise ValueError(f"{str(value)[:80]!r} must be an absolute file path without ..")
+        if any(LOG_GLOB.search(part) for part in value.parts[:-1]):
+            raise ValueError(f"{str(value)[:80]!r}: a glob may only be in the file name, not in a directory")
+        return value
+
+    @field_validator("level_pattern", "time_pattern")
+    @classmethod
+    def _pattern(cls, value: str, info: Any) -> str:
+        group = "level" if info.field_name == "level_pattern" else "time"
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if group not in compiled.groupindex:
+            raise ValueError(f"needs a named group `(?P<{group}>…)`")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Seoul)") from None
+        return value
+
+
 Component = Annotated[
     HttpComponent
     | PostgresComponent
@@ -487,7 +745,8 @@ Component = Annotated[
     | CloudSqlComponent
     | TlsComponent
     | StatuspageComponent
-    | HostComponent,
+    | HostComponent
+    | LogfileComponent,
     Field(discriminator="type"),
 ]
 
@@ -753,6 +1012,48 @@ class ResetSettings(_Model):
         return value
 
 
+# Cost allocation tags: AWS allows keys of up to 128 characters and values of up to 256.
+CostTagKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+CostTagValue = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f]*$")]
+AwsAccountId = Annotated[str, StringConstraints(pattern=r"^[0-9]{12}$")]
+
+
+def _tag_values(value: Any) -> Any:
+    """``{Project: work-logging}`` is ``{Project: [work-logging]}``."""
+    if isinstance(value, dict):
+        return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+    return value
+
+
+class CostSettings(_Model):
+    """What `/ops cost` reads from Cost Explorer for a service (runbook 002): its costs are those carrying the
+    declared cost allocation tags and/or booked to the declared linked accounts."""
+
+    tags: Annotated[dict[CostTagKey, list[CostTagValue]], BeforeValidator(_tag_values)] = Field(
+        default_factory=dict,
+        description="Cost allocation tags (activated in Billing) and their values, e.g. {Project: work-logging}.",
+    )
+    accounts: list[AwsAccountId] = Field(default_factory=list, description="Linked account ids (12 digits).")
+    metric: Literal["UnblendedCost", "BlendedCost"] = Field(
+        "UnblendedCost", description="The figure shown per AWS service (both totals are shown)."
+    )
+    top: int = Field(8, ge=1, le=20, description="AWS services listed by name; the rest are summed.")
+    anomaly_floor: float = Field(
+        1.0, ge=0, description="A day below this amount (USD) is never an anomaly, whatever its ratio."
+    )
+    timeout: float = Field(20.0, gt=0, le=120, description="Seconds one Cost Explorer read may take.")
+    endpoint_url: AnyHttpUrl | None = Field(None, description="A Cost Explorer-compatible endpoint (tests: moto).")
+
+    @model_validator(mode="after")
+    def _scoped(self) -> CostSettings:
+        if not self.tags and not self.accounts:
+            raise ValueError("declare `tags` and/or `accounts`: the account's whole bill is not one service's cost")
+        for key, values in self.tags.items():
+            if not values:
+                raise ValueError(f"tag {key!r} needs at least one value")
+        return self
+
+
 class Service(_Model):
     description: str = ""
     runbook: str | None = Field(None, description="Which runbook this service follows.")
@@ -761,6 +1062,7 @@ class Service(_Model):
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings, description="Files `/ops cleanup` deletes.")
     integrity: IntegritySettings | None = Field(None, description="What `/ops integrity` compares (runbook 003).")
     reset: ResetSettings | None = Field(None, description="What `/ops reset soft|hard` empties (runbook 003).")
+    cost: CostSettings | None = Field(None, description="What `/ops cost` reads from Cost Explorer (runbook 002).")
 
 
 class Roles(_Model):
@@ -770,6 +1072,11 @@ class Roles(_Model):
     operator: list[SlackId] = Field(default_factory=list)
     approver: list[SlackId] = Field(default_factory=list)
     admin: list[SlackId] = Field(default_factory=list)
+    read: dict[Name, list[SlackId]] = Field(
+        default_factory=dict,
+        description="Per-service read permission for sensitive reads (logs; users and usage): who may read each "
+        "listed service, besides admins. A service not listed: operators and up may read it, viewers may not.",
+    )
 
     def members(self, role: Role) -> list[str]:
         return list(getattr(self, role.value))
@@ -1179,6 +1486,19 @@ def _cross_checks(inventory: Inventory) -> list[str]:
             problems.append(f"schedules.{index}.name: {schedule.name!r} is used by an earlier schedule")
         seen.add(schedule.name)
     problems += [
+        f"services.{s}.components.{c}.users.create_admin_job: {s} has no cloudrun component to run it on"
+        for s, c, spec in inventory.components()
+        if isinstance(spec, PostgresComponent)
+        and spec.users is not None
+        and spec.users.create_admin_job is not None
+        and not any(isinstance(other, CloudRunComponent) for other in inventory.services[s].components.values())
+    ]
+    problems += [
+        f"roles.read.{name}: there is no service called {name!r}"
+        for name in inventory.roles.read
+        if name not in inventory.services
+    ]
+    problems += [
         f"services.{name}.backup.destination: {service.backup.destination!r} is not one of "
         f"backups.destinations: {sorted(destinations)}"
         for name, service in inventory.services.items()
@@ -1193,9 +1513,12 @@ def _cross_checks(inventory: Inventory) -> list[str]:
 
 
 def _secret_fields(value: Any) -> Iterator[SecretStr]:
-    """SecretStr values, also inside dicts and lists (HTTP headers)."""
+    """SecretStr values, also inside dicts and lists (HTTP headers) and nested models (admin_api credentials)."""
     if isinstance(value, SecretStr):
         yield value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _secret_fields(getattr(value, name))
     elif isinstance(value, dict):
         for item in value.values():
             yield from _secret_fields(item)

@@ -9,6 +9,11 @@ from typing import Any
 # user:password@ in any URL-like string, whether or not we know the password.
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
 _TOKENS = re.compile(r"\b(xox[abposr]-[A-Za-z0-9-]{8,}|xapp-[A-Za-z0-9-]{8,})")
+# NAME=value where the name ends like a secret's (OPENAI_API_KEY=sk-…, DB_PASSWORD=…): a value typed by
+# mistake, e.g. in `/ops config set`, is masked before the command text is logged or audited.
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b(?P<name>[A-Z0-9_]+KEY|[A-Z0-9_]*(?:SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?))=(?P<value>\S+)"
+)
 MASK = "***"
 
 
@@ -29,6 +34,7 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, MASK)
         text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+        text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m['name']}={MASK}", text)
         return _TOKENS.sub(MASK, text)
 
     def redact_value(self, value: Any) -> Any:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import structlog
 
+from services.clients import close_each
 from services.errors import CommandError
 from services.failures import short_error
 from services.figures.base import FigureError, FigureSource, Measurement, Window
@@ -73,10 +74,12 @@ def parse_window(text: str) -> timedelta:
 
 @dataclass(frozen=True)
 class FigureDeps:
-    """What a figure source may be built with: the shared HTTP session and the watcher's scrapes."""
+    """What a figure source may be built with: the shared HTTP session, the watcher's scrapes, and the
+    address of a plaintext gRPC Cloud Monitoring endpoint (an emulator or the tests' fake; None: Google's)."""
 
     session: aiohttp.ClientSession | None = None
     history: ScrapeHistory | None = None
+    monitoring_endpoint: str | None = None
 
 
 def _host(deps: FigureDeps) -> FigureSource:
@@ -102,9 +105,10 @@ def _tls(deps: FigureDeps) -> FigureSource:
 
 
 def _cloud_monitoring(deps: FigureDeps) -> FigureSource:
-    from services.figures.cloud_monitoring import CloudMonitoringFigures
+    from services.figures.cloud_monitoring import CloudMonitoringFigures, plaintext_channel
 
-    return CloudMonitoringFigures()
+    endpoint = deps.monitoring_endpoint
+    return CloudMonitoringFigures(channel_factory=plaintext_channel(endpoint) if endpoint else None)
 
 
 def _cloudwatch(deps: FigureDeps) -> FigureSource:
@@ -127,22 +131,21 @@ FIGURE_BUILDERS: dict[str, Callable[[FigureDeps], FigureSource]] = {
 
 async def close_sources(sources: Mapping[str, FigureSource]) -> None:
     """Close the sources that hold clients or threads, each once (one may serve several types)."""
-    seen: set[int] = set()
-    for source in sources.values():
-        close = getattr(source, "close", None)
-        if id(source) in seen or close is None:
-            continue
-        seen.add(id(source))
-        try:
-            await close()
-        except Exception:
-            log.warning("figure_source_close_failed", source=type(source).__name__, exc_info=True)
+    await close_each(sources.values(), what="figure_source")
 
 
 def build_figure_sources(deps: FigureDeps, *, types: Collection[str] | None = None) -> dict[str, FigureSource]:
     """The figure source of each component type that has one (of ``types`` only, when given)."""
     wanted = set(FIGURE_BUILDERS) if types is None else set(FIGURE_BUILDERS) & set(types)
-    return {kind: FIGURE_BUILDERS[kind](deps) for kind in sorted(wanted)}
+    built: dict[str, FigureSource] = {}
+    by_builder: dict[Callable[[FigureDeps], FigureSource], FigureSource] = {}
+    for kind in sorted(wanted):
+        builder = FIGURE_BUILDERS[kind]
+        # One source per builder: cloudrun and cloudsql share one Cloud Monitoring source and its clients.
+        if builder not in by_builder:
+            by_builder[builder] = builder(deps)
+        built[kind] = by_builder[builder]
+    return built
 
 
 class TlsFigures:

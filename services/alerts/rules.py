@@ -187,8 +187,27 @@ def _check_down(observation: Observation) -> Condition:
     return Condition(Verdict.BREACH, f"not answering{detail}")
 
 
+def _measured(observation: Observation, name: str, what: str) -> FigureReading | Condition | None:
+    """A component without /metrics (Cloud Run, Lambda) whose figure source measured ``name`` over the
+    rule's window; None when the component is judged from its scrapes instead."""
+    if observation.scrapes or (observation.figures is None and not observation.figures_problem):
+        return None
+    if observation.figures is None:
+        return Condition(Verdict.UNKNOWN, f"cannot read the {what}: {observation.figures_problem}")
+    found = next((f for f in observation.figures if f.name == name), None)
+    return found if found is not None else Condition(Verdict.OK, f"no {what} in the window (no requests)")
+
+
 def _check_error_rate(rule: ErrorRateRule, observation: Observation) -> Condition:
-    """The ratio between the newest scrape and one about ``window_seconds`` older."""
+    """The ratio between the newest scrape and one about ``window_seconds`` older (or, without /metrics,
+    the 5xx share the figure source measured over that window)."""
+    measured = _measured(observation, "error_rate_pct", "5xx rate")
+    if isinstance(measured, Condition):
+        return measured
+    if measured is not None:
+        breached = rule.comparison.breached(measured.value, rule.threshold_pct)
+        evidence = f"{measured.label} {_pct(measured.value)} %; alerts {rule.comparison.words} {rule.threshold_pct:g} %"
+        return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, measured.value)
     pair = _scrape_pair(observation, rule.window_seconds)
     if isinstance(pair, Condition):
         return pair
@@ -205,7 +224,18 @@ def _check_error_rate(rule: ErrorRateRule, observation: Observation) -> Conditio
 
 
 def _check_latency(rule: LatencyRule, observation: Observation) -> Condition:
-    """The p95 between the newest scrape and one about ``window_seconds`` older."""
+    """The p95 between the newest scrape and one about ``window_seconds`` older (or, without /metrics,
+    the p95 the figure source measured over that window)."""
+    measured = _measured(observation, "latency_p95_ms", "p95 latency")
+    if isinstance(measured, Condition):
+        return measured
+    if measured is not None:
+        seconds = measured.value / 1000
+        breached = rule.comparison.breached(seconds, rule.threshold_seconds)
+        evidence = (
+            f"{measured.label} {_seconds(seconds)}; alerts {rule.comparison.words} {_seconds(rule.threshold_seconds)}"
+        )
+        return Condition(Verdict.BREACH if breached else Verdict.OK, evidence, seconds)
     pair = _scrape_pair(observation, rule.window_seconds)
     if isinstance(pair, Condition):
         return pair

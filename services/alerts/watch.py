@@ -70,7 +70,12 @@ class Watched:
 
     @property
     def reads_figures(self) -> bool:
-        return any(isinstance(rule, CpuRule | MemoryRule | DiskRule) for rule in self.rules)
+        """cpu, memory and disk rules; and error rate and latency where there is no /metrics to scrape
+        (Cloud Run and Lambda: their figure sources measure both)."""
+        return any(isinstance(rule, CpuRule | MemoryRule | DiskRule) for rule in self.rules) or (
+            not isinstance(self.target.spec, HttpComponent)
+            and any(isinstance(rule, ErrorRateRule | LatencyRule) for rule in self.rules)
+        )
 
     @property
     def reads_queues(self) -> bool:
@@ -349,8 +354,9 @@ class Watcher:
         source = self.figures.get(spec.type)
         if source is None:
             return None, f"opsbot reads no figures of {spec.type} components yet"
-        window = Window(now, timedelta(minutes=max((r.for_minutes for r in w.rules if isinstance(r, FigureRule)),
-                                                   default=5) or 5))  # fmt: skip
+        minutes = [r.for_minutes for r in w.rules if isinstance(r, FigureRule)]
+        minutes += [r.window_seconds / 60 for r in w.rules if isinstance(r, ErrorRateRule | LatencyRule)]
+        window = Window(now, timedelta(minutes=max(minutes, default=5) or 5))
         try:
             async with asyncio.timeout(spec.timeout + 1):
                 found = await source.measure(spec, window, timeout=spec.timeout)

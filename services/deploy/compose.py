@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -475,6 +475,100 @@ class ComposeProject:
             log.warning("%s failed (exit %s): %s", shown, returncode, problem)
             raise DeployError(f"`{shown}` failed: {problem}")
         return _Output(out, overflow)
+
+    async def stream(
+        self,
+        *args: str,
+        on_line: Callable[[bytes], None],
+        timeout: float,  # noqa: ASYNC109  # a budget after which what was read stands, not an error
+        max_bytes: int,
+        max_line: int = 16 * 1024,
+    ) -> StreamEnd:
+        """``docker compose … ARGS…`` with its stdout handed to ``on_line`` line by line as it comes (each cut
+        to ``max_line`` bytes, without the newline), never held whole. After ``timeout`` seconds or
+        ``max_bytes`` bytes the child is killed with its group and reaped, and what was read stands
+        (``StreamEnd.stopped`` says why); a failed run is DeployError with docker's own reason."""
+        if not self._dir.is_dir():
+            raise DeployError(f"The compose project directory {self._dir} does not exist on the bot's host.")
+        argv = ["compose", "--project-directory", str(self._dir)]
+        if self._name is not None:
+            argv += ["-p", self._name]
+        shown = " ".join(["docker compose", *args[:1]])
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self._program(),
+                *argv,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env(),
+                cwd=self._dir,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise DeployError("docker is not installed on the bot's host") from None
+        except OSError as exc:
+            raise DeployError(f"docker could not be started: {exc.strerror or type(exc).__name__}") from None
+        stderr = asyncio.create_task(_read_tail(process.stderr, _STDERR_LIMIT))
+        read = 0
+        stopped = ""
+
+        async def pump() -> None:
+            # Reads to the end even once stopped (discarding), so the pipe closes and the child is reaped.
+            nonlocal read, stopped
+            if process.stdout is None:
+                return
+            pending = bytearray()
+            while chunk := await process.stdout.read(_CHUNK):
+                if stopped:
+                    continue
+                read += len(chunk)
+                pending += chunk
+                while (end := pending.find(b"\n")) >= 0:
+                    on_line(bytes(pending[: min(end, max_line)]))
+                    del pending[: end + 1]
+                if len(pending) > max_line:  # a line without end: keep its head, drop the rest as it comes
+                    del pending[max_line:]
+                if read >= max_bytes:
+                    stopped = "bytes"
+                    _kill_group(process)
+            if pending and not stopped:
+                on_line(bytes(pending))
+
+        reader = asyncio.create_task(pump())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait([reader, stderr])
+                returncode = await process.wait()
+        except TimeoutError:
+            stopped = "timeout"
+            _kill_group(process)
+            await asyncio.shield(_reap(process, [reader, stderr]))
+        except BaseException:
+            stopped = "cancelled"
+            _kill_group(process)
+            await asyncio.shield(_reap(process, [reader, stderr]))
+            raise
+        if reader.done() and not reader.cancelled():
+            reader.result()  # on_line's own failure, if any
+        if stopped:
+            log.info("%s stopped (%s) after %d bytes", shown, stopped, read)
+            return StreamEnd(read, stopped)
+        if returncode != 0:
+            problem = _problem(stderr.result(), returncode)
+            log.warning("%s failed (exit %s): %s", shown, returncode, problem)
+            raise DeployError(f"`{shown}` failed: {problem}")
+        return StreamEnd(read, "")
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """How a :meth:`ComposeProject.stream` ended: bytes of stdout read, and ``stopped`` ("timeout",
+    "bytes") when the bot cut it short, "" when docker finished by itself."""
+
+    bytes_read: int
+    stopped: str
 
 
 def _shown(value: str) -> str:

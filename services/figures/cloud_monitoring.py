@@ -59,6 +59,7 @@ __all__ = [
     "SQL_MEMORY",
     "SQL_POSTGRES_BACKENDS",
     "CloudMonitoringFigures",
+    "plaintext_channel",
 ]
 
 SCOPE = "https://www.googleapis.com/auth/monitoring.read"
@@ -233,6 +234,16 @@ def _quantile(values: Sequence[float], share: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def plaintext_channel(address: str) -> ChannelFactory:
+    """Channels to a plaintext gRPC Cloud Monitoring API at ``host:port`` (an emulator, the tests' fake):
+    no TLS and no credentials, so nothing secret ever travels to it (``OPSBOT_MONITORING_ENDPOINT``)."""
+
+    def channel() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address)
+
+    return channel
 
 
 # --- the source -------------------------------------------------------------------------------------

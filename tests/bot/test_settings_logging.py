@@ -430,3 +430,18 @@ async def test_fake_slack_response_url_and_upload(fake_slack: FakeSlack) -> None
     assert parse_qs(body)["response_url"] == [fake_slack.response_url("default")]
     payload = json.loads(parse_qs(fake_slack.block_actions_body("deny", "apr_1"))["payload"][0])
     assert payload["response_url"] == fake_slack.response_url()
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("config set vcbl OPENAI_API_KEY=sk-live-1234 app", "config set vcbl OPENAI_API_KEY=*** app"),
+        ("db_password=hunter2 and TOKEN=abc", "db_password=*** and TOKEN=***"),
+        ("AWS_SECRET_ACCESS_KEY=wJalr/K7MDENG", "AWS_SECRET_ACCESS_KEY=***"),
+        # Names that only contain a secret's word, and the usage text itself, are left as they are.
+        ("DAILY_TOKEN_LIMIT=50000", "DAILY_TOKEN_LIMIT=50000"),
+        ("Write the setting as `KEY=VALUE`.", "Write the setting as `KEY=VALUE`."),
+    ],
+)
+def test_a_secret_looking_assignment_is_masked_wherever_it_is_written(text: str, shown: str) -> None:
+    assert Redactor().redact(text) == shown
