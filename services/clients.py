@@ -120,3 +120,30 @@ async def close_each(things: Iterable[object], *, what: str) -> None:
             await close()
         except Exception:
             log.warning(f"{what}_close_failed", kind=type(thing).__name__, exc_info=True)
+
+
+def aws_transport_problem(exc: BaseException, *, service: str, where: str, reading: str, limit: float) -> str:
+    """One sentence for a boto3 failure that is not an AWS error answer: no credentials or region, a
+    timeout, no connection (``where``: what was read, "Lambda function x"; ``reading``: the same with the
+    service, "CloudWatch for Lambda function x")."""
+    from botocore.exceptions import (  # type: ignore[import-untyped]
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        NoRegionError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    from services.failures import network_problem
+
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return f"No usable AWS credentials were found (environment, profile or instance role) to read {reading}."
+    if isinstance(exc, NoRegionError):
+        return f"No AWS region is set to read {reading}."
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+        return f"{service} did not answer within {limit:g} s for {where}."
+    problem = network_problem(exc)
+    if isinstance(exc, EndpointConnectionError):
+        return f"Could not connect to {service} for {where}" + (f" ({problem})." if problem else ".")
+    return f"{problem or type(exc).__name__} talking to {service} for {where}."

@@ -34,16 +34,9 @@ from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import (  # type: ignore[import-untyped]
     BotoCoreError,
     ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    NoRegionError,
-    PartialCredentialsError,
-    ReadTimeoutError,
 )
 
-from services.clients import AWS_BAD_CREDENTIALS, AWS_DENIED, aws_error_code, public_endpoint
-from services.failures import network_problem
+from services.clients import AWS_BAD_CREDENTIALS, AWS_DENIED, aws_error_code, aws_transport_problem, public_endpoint
 from services.figures.base import FigureError, Measurement, Window
 from services.inventory import Component, LambdaComponent
 
@@ -248,20 +241,9 @@ class LambdaFigures:
             if code in AWS_BAD_CREDENTIALS:
                 return FigureError(f"AWS refused the bot's credentials ({code}) reading CloudWatch for {where}.")
             return FigureError(f"CloudWatch answered {code or 'an unknown error'} reading {where}.")
-        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-            return FigureError(
-                f"No usable AWS credentials were found (environment, profile or instance role) to read CloudWatch "
-                f"for {where}."
-            )
-        if isinstance(exc, NoRegionError):
-            return FigureError(f"No AWS region is set to read CloudWatch for {where}.")
-        if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
-            return FigureError(f"{service} did not answer within {limit:g} s for {where}.")
-        if isinstance(exc, EndpointConnectionError):
-            problem = network_problem(exc)
-            return FigureError(f"Could not connect to {service} for {where}" + (f" ({problem})." if problem else "."))
-        problem = network_problem(exc)
-        return FigureError(f"{problem or type(exc).__name__} talking to {service} for {where}.")
+        return FigureError(
+            aws_transport_problem(exc, service=service, where=where, reading=f"CloudWatch for {where}", limit=limit)
+        )
 
     async def close(self) -> None:
         """Close the clients this source made and stop its threads; only once."""

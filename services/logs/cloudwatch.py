@@ -39,16 +39,9 @@ from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import (  # type: ignore[import-untyped]
     BotoCoreError,
     ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    NoRegionError,
-    PartialCredentialsError,
-    ReadTimeoutError,
 )
 
-from services.clients import AWS_BAD_CREDENTIALS, AWS_DENIED, aws_error_code, public_endpoint
-from services.failures import network_problem
+from services.clients import AWS_BAD_CREDENTIALS, AWS_DENIED, aws_error_code, aws_transport_problem, public_endpoint
 from services.inventory import Component, LambdaComponent
 from services.logs.base import LogError, LogLine, LogPage, LogQuery
 from services.logs.compose import level_in_text
@@ -423,19 +416,9 @@ class CloudWatchLogs:
             if code == "InvalidParameterException":
                 return LogError(f"CloudWatch Logs refused the query on {where} as invalid.")
             return LogError(f"CloudWatch Logs answered {code or 'an unknown error'} reading {where}.")
-        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-            return LogError(
-                f"No usable AWS credentials were found (environment, profile or instance role) to read {where}."
-            )
-        if isinstance(exc, NoRegionError):
-            return LogError(f"No AWS region is set to read CloudWatch Logs {where}.")
-        if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
-            return LogError(f"{service} did not answer within {limit:g} s for {where}.")
-        if isinstance(exc, EndpointConnectionError):
-            problem = network_problem(exc)
-            return LogError(f"Could not connect to {service} for {where}" + (f" ({problem})." if problem else "."))
-        problem = network_problem(exc)
-        return LogError(f"{problem or type(exc).__name__} talking to {service} for {where}.")
+        return LogError(
+            aws_transport_problem(exc, service=service, where=where, reading=f"CloudWatch Logs {where}", limit=limit)
+        )
 
     async def close(self) -> None:
         """Close the clients this backend made and stop its threads; only once."""
